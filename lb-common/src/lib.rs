@@ -1,0 +1,184 @@
+//! What the XDP program and the control plane must agree on: map names, the
+//! layout of every map key and value, counter indices and the flow hash.
+//!
+//! Every map type is `#[repr(C)]` with explicit padding fields, so it has no
+//! implicit padding (the kernel compares hash keys byte for byte, and `aya::Pod`
+//! requires every byte to be initialised).
+#![no_std]
+
+pub mod hash;
+
+/// Map names, shared so userspace never mistypes one.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const CONFIG: &str = "CONFIG";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+/// Name of the XDP entry point in the object file.
+pub const PROGRAM_NAME: &str = "lb";
+
+/// Capacity of the VIP map; VIP ids are `0..MAX_VIPS`.
+pub const MAX_VIPS: u32 = 64;
+/// Capacity of the backend map; backend ids are `0..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Each VIP owns two table halves: the active one and the one being rebuilt.
+pub const TABLE_HALVES: u32 = 2;
+/// Placeholder size of the `MAGLEV` array in the object file. Userspace resizes
+/// it at load time to `MAX_VIPS * TABLE_HALVES * table_size`.
+pub const MAGLEV_DEFAULT_ENTRIES: u32 = 1;
+/// A Maglev slot holding this value has no backend (only in a table built from
+/// an empty backend list); the program drops with [`Stat::DropNoBackend`].
+pub const NO_BACKEND: u32 = u32::MAX;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Address family tag stored in keys and values.
+pub const FAMILY_V4: u8 = 4;
+
+/// Key of the `VIPS` hash map.
+///
+/// `addr` holds an IPv4 address in its first word (network byte order, as it
+/// sits in the packet) and zeroes elsewhere; the four words leave room for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    /// Destination port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Value of the `VIPS` hash map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipEntry {
+    /// Index into `VIP_STATS`.
+    pub id: u32,
+    /// First slot of the active Maglev table half in `MAGLEV`. Rewriting this
+    /// entry (one atomic map update) switches the VIP to another, fully written
+    /// half, so no packet ever sees a mixture of two tables.
+    pub table_base: u32,
+    /// Number of slots in the table (a prime).
+    pub table_size: u32,
+    /// One of the `FORWARD_*` constants.
+    pub forwarding: u32,
+}
+
+/// Forwarding mode: rewrite MACs and send on the same L2 segment.
+pub const FORWARD_L2: u32 = 0;
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    /// Backend address, same layout as [`VipKey::addr`].
+    pub addr: [u32; 4],
+    /// MAC of the backend (or of the next hop towards it).
+    pub dst_mac: [u8; 6],
+    /// MAC of the interface the frame leaves through.
+    pub src_mac: [u8; 6],
+    /// Interface the backend is reached through. When it differs from the
+    /// ingress interface the program redirects instead of `XDP_TX`.
+    pub ifindex: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// The backend's MAC is known; without it the program drops with
+/// [`Stat::DropNoNeighbour`] rather than sending a frame to a zero MAC.
+pub const BACKEND_F_RESOLVED: u32 = 1;
+
+/// Value of the `CONFIG` array (one element): settings that apply to every VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalConfig {
+    /// Seed of the flow hash; identical on every instance behind one ECMP VIP.
+    pub hash_seed: u32,
+    pub _pad: u32,
+}
+
+/// Packet and byte counts; the value of `VIP_STATS` and `BACKEND_STATS`
+/// (per-CPU arrays, summed by userspace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! stats {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, )+) => {
+        /// Index of a global counter in the per-CPU `STATS` array: one per XDP
+        /// action, then one per reason a packet was passed or dropped.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        impl Stat {
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant),+];
+            /// Stable lowercase name, used as a log field and metric label.
+            pub const fn name(self) -> &'static str {
+                match self { $(Stat::$variant => $name),+ }
+            }
+        }
+    };
+}
+
+stats! {
+    ActionAborted = "action_aborted",
+    ActionDrop = "action_drop",
+    ActionPass = "action_pass",
+    ActionTx = "action_tx",
+    ActionRedirect = "action_redirect",
+    /// Not IPv4 (ARP, IPv6, anything else): passed untouched.
+    PassNotIpv4 = "pass_not_ipv4",
+    /// IPv4 but neither TCP nor UDP: passed untouched.
+    PassNotTcpUdp = "pass_not_tcp_udp",
+    /// IPv4 fragment: no ports to look up, passed to the kernel.
+    PassFragment = "pass_fragment",
+    /// TCP/UDP whose (address, port, protocol) is not a VIP: passed untouched.
+    PassNotVip = "pass_not_vip",
+    /// Frame shorter than an Ethernet header.
+    DropTruncatedEth = "drop_truncated_eth",
+    /// EtherType IPv4 but the frame ends inside the IPv4 header.
+    DropTruncatedIp = "drop_truncated_ip",
+    /// IPv4 header with IHL < 5 or a version other than 4.
+    DropBadIpHeader = "drop_bad_ip_header",
+    /// The frame ends inside the TCP or UDP header.
+    DropTruncatedL4 = "drop_truncated_l4",
+    /// The VIP's table has no backend.
+    DropNoBackend = "drop_no_backend",
+    /// The chosen backend's MAC is not resolved yet.
+    DropNoNeighbour = "drop_no_neighbour",
+    /// A map lookup that cannot fail did (table index out of range).
+    DropInternal = "drop_internal",
+}
+
+pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
+    // byte arrays, and have no implicit padding (checked by the size asserts).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipEntry {}
+    unsafe impl aya::Pod for super::BackendEntry {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::Traffic {}
+}
+
+// Sizes are the sum of the fields: no implicit padding anywhere.
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<Traffic>() == 16);

@@ -1,0 +1,41 @@
+//! Every map the program uses. Userspace (lb-userspace's `dataplane::aya`) is
+//! the only writer of the configuration maps; the program only writes counters.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    BackendEntry, GlobalConfig, MAGLEV_DEFAULT_ENTRIES, MAX_BACKENDS, MAX_VIPS, STAT_COUNT,
+    Traffic, VipEntry, VipKey,
+};
+
+/// (address, port, protocol) -> VIP id, active table half, forwarding mode.
+#[map]
+pub static VIPS: HashMap<VipKey, VipEntry> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Backend id -> address, MACs, egress interface.
+#[map]
+pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// All Maglev tables, back to back: VIP `v`, half `h` starts at
+/// `(v * TABLE_HALVES + h) * table_size`. Each slot holds a backend id.
+/// Resized by userspace at load time to fit the configured table size.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, 0);
+
+/// Settings shared by every VIP (one element).
+#[map]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+/// One counter per XDP action and per pass/drop reason (`lb_common::Stat`).
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Packets and bytes per VIP id, every packet that matched the VIP.
+#[map]
+pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Packets and bytes per backend id, every packet forwarded to the backend.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
