@@ -46,7 +46,7 @@ pub const FAMILY_V4: u8 = 4;
 /// `addr` holds an IPv4 address in its first word (network byte order, as it
 /// sits in the packet) and zeroes elsewhere; the four words leave room for IPv6.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u32; 4],
     /// Destination port, network byte order.

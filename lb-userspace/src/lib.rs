@@ -1,1 +1,10 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+//! Control plane of the load balancer: configuration, Maglev tables, the single
+//! writer of the XDP program's maps, neighbour resolution and the `lb run` loop.
+
+pub mod config;
+pub mod dataplane;
+pub mod loader;
+pub mod maglev;
+pub mod neighbour;
+pub mod reconcile;
+pub mod run;

@@ -1,1 +1,122 @@
-fn main(){ println!("{}", lb_userspace::EBPF_OBJECT.len()); }
+//! `lb`: the load balancer's command-line entry point.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lb_userspace::{
+    config::{Config, ConfigError, Problem},
+    reconcile,
+};
+
+/// Exit status for a configuration that cannot be used (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "XDP Maglev load balancer with direct server return")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the configured interface and balance until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and show how each VIP's table is shared.
+    CheckConfig { config: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                print_plan(&config, &c);
+                ExitCode::SUCCESS
+            }
+            Err(e) => bad_config(&e),
+        },
+        Command::Run { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            // The interface can only be checked on the host that runs it.
+            let ifindex = match interface_index(&c.interface) {
+                Some(i) => i,
+                None => {
+                    return bad_config(&ConfigError::Invalid {
+                        file: config,
+                        problems: vec![Problem {
+                            field: "interface".into(),
+                            message: format!("`{}` does not exist on this host", c.interface),
+                        }],
+                    });
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("lb: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(lb_userspace::run::run(c, ifindex)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn bad_config(e: &ConfigError) -> ExitCode {
+    eprintln!("Invalid configuration: {e}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the whole call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+fn print_plan(file: &std::path::Path, c: &Config) {
+    println!("{}: valid", file.display());
+    println!(
+        "interface {} ({:?} XDP), Maglev table {} slots, seed {:#x}",
+        c.interface, c.xdp_mode, c.table_size, c.seed
+    );
+    for (vip, table) in reconcile::plan(c) {
+        println!(
+            "\nVIP {} {}:{}/{} forwarding {:?}",
+            vip.name, vip.address, vip.port, vip.protocol, vip.forwarding
+        );
+        println!("  {:<16} {:>6} {:>8} {:>8} {:>9}", "backend", "weight", "slots", "share", "expected");
+        let total_weight: u64 = table.backends.iter().map(|b| b.weight as u64).sum();
+        for (b, slots) in table.backends.iter().zip(table.slot_counts()) {
+            println!(
+                "  {:<16} {:>6} {:>8} {:>7.2}% {:>8.2}%",
+                b.address.to_string(),
+                b.weight,
+                slots,
+                100.0 * slots as f64 / c.table_size as f64,
+                100.0 * b.weight as f64 / total_weight as f64,
+            );
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The boundary between the control plane and the kernel maps. Reconcile logic
+//! talks to [`Dataplane`]; [`aya::AyaDataplane`] is the only code that touches
+//! `aya::maps`, and [`fake::FakeDataplane`] stands in for it in unit tests.
+
+pub mod aya;
+pub mod fake;
+
+use lb_common::{BackendEntry, GlobalConfig, STAT_COUNT, Stat, Traffic, VipEntry, VipKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: ::aya::maps::MapError,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    MissingMap { map: &'static str },
+    #[error("table of {len} slots at {base} does not fit the Maglev map ({capacity} slots)")]
+    TableOutOfRange { base: u32, len: usize, capacity: u32 },
+}
+
+/// Every counter the program keeps, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by `Stat as usize`.
+    pub stats: Vec<u64>,
+    /// Indexed by VIP id.
+    pub vips: Vec<Traffic>,
+    /// Indexed by backend id.
+    pub backends: Vec<Traffic>,
+}
+
+impl Counters {
+    pub fn stat(&self, stat: Stat) -> u64 {
+        self.stats.get(stat as usize).copied().unwrap_or(0)
+    }
+
+    /// `(name, value)` of every non-zero global counter, for log lines.
+    pub fn nonzero_stats(&self) -> Vec<(&'static str, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|&s| (s.name(), self.stat(s)))
+            .filter(|&(_, v)| v != 0)
+            .collect()
+    }
+
+    pub(crate) fn empty() -> Counters {
+        Counters {
+            stats: vec![0; STAT_COUNT as usize],
+            vips: vec![Traffic::default(); lb_common::MAX_VIPS as usize],
+            backends: vec![Traffic::default(); lb_common::MAX_BACKENDS as usize],
+        }
+    }
+}
+
+/// Writes to and reads from the program's maps. Each call is one or more map
+/// updates; callers order them so the program never sees a half-done change
+/// (table before the VIP entry that points at it).
+pub trait Dataplane {
+    fn set_global(&mut self, config: GlobalConfig) -> Result<(), DataplaneError>;
+    fn set_backend(&mut self, id: u32, entry: BackendEntry) -> Result<(), DataplaneError>;
+    /// Writes `slots` (backend ids) to the Maglev map starting at `base`.
+    fn write_table(&mut self, base: u32, slots: &[u32]) -> Result<(), DataplaneError>;
+    fn set_vip(&mut self, key: VipKey, entry: VipEntry) -> Result<(), DataplaneError>;
+    fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError>;
+    fn counters(&self) -> Result<Counters, DataplaneError>;
+}

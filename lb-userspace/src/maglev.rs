@@ -1,0 +1,203 @@
+//! Weighted Maglev lookup tables (Eisenbud et al., NSDI '16, section 3.4).
+//!
+//! Pure: `(backends, table size, seed) -> table`, no I/O, no randomness. The
+//! backends are sorted by address first and hashed with the explicit seed, so
+//! every instance behind one ECMP VIP builds byte-identical tables whatever the
+//! order of its config file.
+//!
+//! Weights: each backend's permutation is walked in turns as in the paper; a
+//! backend takes a turn once per `max_weight` of credit it has accumulated, so
+//! slot counts are proportional to weights (exactly equal, up to one slot, when
+//! the weights are equal).
+
+use std::net::Ipv4Addr;
+
+use lb_common::hash::hash_words;
+
+/// Second seed for the skip hash, so offset and skip are independent.
+const SKIP_SALT: u32 = 0x9e37_79b9;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weighted {
+    pub address: Ipv4Addr,
+    pub weight: u32,
+}
+
+/// A built table: `slots[i]` indexes `backends`, which is sorted by address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    pub backends: Vec<Weighted>,
+    pub slots: Vec<u32>,
+}
+
+impl Table {
+    /// Number of slots owned by each backend, in `backends` order.
+    pub fn slot_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.backends.len()];
+        for &s in &self.slots {
+            counts[s as usize] += 1;
+        }
+        counts
+    }
+}
+
+/// Builds the table. `table_size` must be prime (validated by the config);
+/// backends with weight 0 get no slot. With no (positive-weight) backend every
+/// slot is [`lb_common::NO_BACKEND`].
+pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
+    let mut sorted: Vec<Weighted> = backends.to_vec();
+    sorted.sort_by_key(|b| b.address);
+    let m = table_size as u64;
+    let mut slots = vec![lb_common::NO_BACKEND; table_size as usize];
+    let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(0) as u64;
+    if max_weight == 0 || m == 0 {
+        return Table { backends: sorted, slots };
+    }
+
+    // Each backend's permutation is offset + j * skip (mod m); `next` is the
+    // position of its current candidate slot.
+    let mut next: Vec<u64> = Vec::with_capacity(sorted.len());
+    let mut skip: Vec<u64> = Vec::with_capacity(sorted.len());
+    for b in &sorted {
+        let key = [b.address.to_bits()];
+        next.push(hash_words(&key, seed) as u64 % m);
+        skip.push(hash_words(&key, seed ^ SKIP_SALT) as u64 % (m - 1) + 1);
+    }
+    let mut credit = vec![0u64; sorted.len()];
+    let mut filled = 0u64;
+    loop {
+        for (i, b) in sorted.iter().enumerate() {
+            credit[i] += b.weight as u64;
+            if credit[i] < max_weight {
+                continue;
+            }
+            credit[i] -= max_weight;
+            // Walk the permutation to the first free slot. Since m is prime and
+            // skip < m, the walk visits every slot, so it terminates.
+            loop {
+                let c = next[i] as usize;
+                next[i] = (next[i] + skip[i]) % m;
+                if slots[c] == lb_common::NO_BACKEND {
+                    slots[c] = i as u32;
+                    break;
+                }
+            }
+            filled += 1;
+            if filled == m {
+                return Table { backends: sorted, slots };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const M: u32 = 65537;
+
+    fn backends(n: usize, weight: impl Fn(usize) -> u32) -> Vec<Weighted> {
+        (0..n)
+            .map(|i| Weighted {
+                // Spread over 10.0.0.0/8 so addresses are not all adjacent.
+                address: Ipv4Addr::from_bits(0x0a00_0000 + (i as u32) * 7919),
+                weight: weight(i),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_slot_is_filled_and_indexes_a_backend() {
+        let t = build(&backends(3, |i| i as u32 + 1), 251, 1);
+        assert!(t.slots.iter().all(|&s| (s as usize) < 3));
+    }
+
+    #[test]
+    fn no_backends_gives_an_empty_table() {
+        let t = build(&[], 251, 1);
+        assert!(t.slots.iter().all(|&s| s == lb_common::NO_BACKEND));
+    }
+
+    #[test]
+    fn seed_changes_the_table() {
+        let b = backends(10, |_| 1);
+        assert_ne!(build(&b, M, 1).slots, build(&b, M, 2).slots);
+    }
+
+    /// Every backend gets floor(M/n) or ceil(M/n) slots, the best integers
+    /// allow, and so is within 1% of the mean wherever a whole slot is less
+    /// than 1% of it. (Where it is not, e.g. n = 662, no split of 65537 slots
+    /// can keep every count within 1%: one backend must get 98 of a mean 99.0.)
+    fn assert_equal_shares(n: usize) {
+        let t = build(&backends(n, |_| 1), M, 0x5eed);
+        let mean = M as f64 / n as f64;
+        for (i, &c) in t.slot_counts().iter().enumerate() {
+            assert!(
+                c == mean.floor() as usize || c == mean.ceil() as usize,
+                "n={n} backend {i}: {c} slots, mean {mean:.2}"
+            );
+            let dev = (c as f64 - mean).abs() / mean;
+            assert!(dev <= 0.01 || (c as f64 - mean).abs() < 1.0, "n={n} backend {i}: off by {dev:.4}");
+        }
+    }
+
+    #[test]
+    fn equal_weights_at_the_edge_n_1000() {
+        assert_equal_shares(1000);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Equal weights, N up to 1000: every share within 1% of the mean.
+        #[test]
+        fn equal_weights_are_balanced(n in 1usize..=1000) {
+            assert_equal_shares(n);
+        }
+
+        /// Weighted shares track weights within 2% (relative).
+        #[test]
+        fn weighted_shares_track_weights(ws in proptest::collection::vec(1u32..=10, 2..=50)) {
+            let b = backends(ws.len(), |i| ws[i]);
+            let t = build(&b, M, 0x5eed);
+            let total: u32 = ws.iter().sum();
+            for (i, &c) in t.slot_counts().iter().enumerate() {
+                let expected = M as f64 * t.backends[i].weight as f64 / total as f64;
+                let dev = (c as f64 - expected).abs() / expected;
+                prop_assert!(dev <= 0.02, "backend {i}: {c} slots, expected {expected:.1}");
+            }
+        }
+
+        /// Removing one of 100 backends moves at most 1% of the slots between
+        /// the surviving backends (the removed one's slots must move).
+        #[test]
+        fn removing_one_backend_disrupts_little(victim in 0usize..100, seed in any::<u32>()) {
+            let before = backends(100, |_| 1);
+            let mut after = before.clone();
+            let gone = after.remove(victim).address;
+            let t0 = build(&before, M, seed);
+            let t1 = build(&after, M, seed);
+            let moved = t0.slots.iter().zip(&t1.slots).filter(|&(&a, &b)| {
+                let (a, b) = (t0.backends[a as usize].address, t1.backends[b as usize].address);
+                a != gone && a != b
+            }).count();
+            prop_assert!(moved as f64 <= 0.01 * M as f64, "{moved} slots moved between survivors");
+        }
+
+        /// The table is byte-identical for 100 random orderings of the list.
+        #[test]
+        fn independent_of_backend_order(
+            n in 1usize..=200,
+            orderings in proptest::collection::vec(any::<u32>(), 100),
+        ) {
+            let b = backends(n, |i| (i % 5) as u32 + 1);
+            let reference = build(&b, M, 0x5eed);
+            for key in orderings {
+                let mut shuffled = b.clone();
+                shuffled.sort_by_key(|x| hash_words(&[x.address.to_bits()], key));
+                prop_assert!(build(&shuffled, M, 0x5eed) == reference.clone());
+            }
+        }
+    }
+}
