@@ -118,7 +118,7 @@ macro_rules! stats {
         /// Index of a global counter in the per-CPU `STATS` array: one per XDP
         /// action, then one per reason a packet was passed or dropped.
         #[repr(u32)]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
         pub enum Stat {
             $( $(#[$doc])* $variant, )+
         }

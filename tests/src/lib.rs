@@ -1,1 +1,9 @@
+//! Support for the kernel-tier tests and the demo: root gating, network
+//! namespaces, the L2 direct-server-return topology, backend servers, client
+//! traffic, and a BPF_PROG_TEST_RUN harness for the XDP program.
 
+pub mod netns;
+pub mod packet;
+pub mod root;
+pub mod topology;
+pub mod traffic;

@@ -1,0 +1,111 @@
+//! Uniquely named network namespaces that remove themselves, even when a test
+//! panics, plus a way to run code (bind sockets, attach programs) inside one.
+
+use std::{
+    fs::File,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+use nix::sched::{CloneFlags, setns};
+
+/// Every namespace this crate creates starts with this, followed by the
+/// creating process's pid, so leftovers of a killed run can be recognised.
+const PREFIX: &str = "lbt-";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` (or any command) and fails with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `lbt-<pid>-<n>-<role>` with loopback up.
+    pub fn new(role: &str) -> anyhow::Result<Netns> {
+        sweep_leftovers();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{n}-{role}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace. Sockets and
+    /// attachments made there stay in the namespace and may be used from any
+    /// thread afterwards.
+    pub fn enter<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its veth ends and their peers.
+        if let Err(e) = run("ip", &["netns", "delete", &self.name]) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// Deletes namespaces left by runs whose process no longer exists (a test
+/// binary killed with SIGKILL cannot clean up after itself).
+fn sweep_leftovers() {
+    let Ok(out) = run("ip", &["netns", "list"]) else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "delete", name]);
+        }
+    }
+}

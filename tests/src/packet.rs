@@ -1,0 +1,170 @@
+//! Runs packets through the real, verifier-loaded XDP program with
+//! BPF_PROG_TEST_RUN, with maps filled by the real control-plane code
+//! (Reconciler over AyaDataplane), and builds the test packets.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions},
+};
+use etherparse::PacketBuilder;
+use lb_common::hash::flow_hash_v4;
+use lb_userspace::{
+    config::{Config, Vip},
+    dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
+    loader,
+    reconcile::{self, Neighbour, Neighbours, Reconciler},
+};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+
+/// The MAC the tests give backend `a` (derived from its address).
+pub fn backend_mac(a: Ipv4Addr) -> [u8; 6] {
+    let o = a.octets();
+    [0x02, 0xbe, o[0], o[1], o[2], o[3]]
+}
+
+/// Neighbour entries for `addrs`, all reached through `ifindex`.
+pub fn neighbours(addrs: impl IntoIterator<Item = Ipv4Addr>, ifindex: u32) -> Neighbours {
+    addrs
+        .into_iter()
+        .map(|a| (a, Neighbour { ifindex, mac: backend_mac(a), src_mac: LB_MAC }))
+        .collect()
+}
+
+pub struct Harness {
+    ebpf: Ebpf,
+    pub reconciler: Reconciler<AyaDataplane>,
+    pub config: Config,
+}
+
+/// What the program did with one packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub action: u32,
+    pub packet: Vec<u8>,
+}
+
+impl Harness {
+    /// Loads the program and applies `config` with `neighbours`.
+    pub fn new(config: &str, neighbours: &Neighbours) -> anyhow::Result<Harness> {
+        let config = Config::parse(config, Path::new("packet-test.yaml"))?;
+        let mut ebpf = loader::load(config.table_size, config.max_vips)?;
+        let mut reconciler = Reconciler::new(AyaDataplane::new(&mut ebpf)?, config.table_size, config.max_vips);
+        reconciler.apply(&config, neighbours)?;
+        Ok(Harness { ebpf, reconciler, config })
+    }
+
+    /// Runs one packet once.
+    pub fn run(&mut self, packet: &[u8]) -> anyhow::Result<Outcome> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let prog = loader::program(&mut self.ebpf)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome { action: result.return_value, packet: out })
+    }
+
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        Ok(self.reconciler.dataplane().counters()?)
+    }
+
+    /// The backend the userspace-built table gives the flow, computed without
+    /// the program: the flow hash from lb-common, the table from the Maglev
+    /// builder.
+    pub fn expected_backend(&self, vip: &Vip, src: Ipv4Addr, sport: u16) -> Ipv4Addr {
+        let hash = flow_hash_v4(
+            src.to_bits(),
+            vip.address.to_bits(),
+            sport,
+            vip.port,
+            vip.protocol.number(),
+            self.config.seed,
+        );
+        let (_, table) = reconcile::plan(&self.config)
+            .into_iter()
+            .find(|(v, _)| v.name == vip.name)
+            .expect("VIP is in the config");
+        let slot = table.slots[(hash % self.config.table_size) as usize];
+        table.backends[slot as usize].address
+    }
+}
+
+/// A TCP SYN from the client MAC to the load balancer's MAC.
+pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut p, &[])
+        .expect("build TCP");
+    p
+}
+
+/// A UDP datagram from the client MAC to the load balancer's MAC.
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut p, payload)
+        .expect("build UDP");
+    p
+}
+
+/// A TCP SYN whose IPv4 header carries options (IHL > 5).
+pub fn tcp_syn_with_ip_options(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, src.octets(), dst.octets())
+        .expect("IPv4 header");
+    // Four NOPs and an end-of-options byte, padded: 8 bytes, IHL 7.
+    ip.options = [1u8, 1, 1, 1, 0, 0, 0, 0][..].try_into().expect("options");
+    let mut p = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut p, &[])
+        .expect("build TCP with IP options");
+    p
+}
+
+/// An IPv6 TCP SYN (IPv6 VIPs do not exist yet: it must pass).
+pub fn tcp6_syn(sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..2].copy_from_slice(&[0xfd, 0x00]);
+    src[15] = 2;
+    dst[..2].copy_from_slice(&[0xfd, 0x00]);
+    dst[15] = 100;
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut p, &[])
+        .expect("build TCPv6");
+    p
+}
+
+/// An ARP request from the client asking for `target`.
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut p = Vec::with_capacity(42);
+    p.extend_from_slice(&[0xff; 6]);
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    p.extend_from_slice(&CLIENT_MAC);
+    p.extend_from_slice(&sender.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target.octets());
+    p
+}
