@@ -1,0 +1,67 @@
+//! End-to-end tier: real kernel TCP and UDP through `lb run` in network
+//! namespaces, L2 direct server return. Needs root.
+
+use std::net::SocketAddr;
+
+use lb_tests::{
+    root::root_or_skip,
+    topology::{L2Topology, TCP_PORT, UDP_PORT, VIP},
+    traffic::{tcp_connections, udp_exchanges},
+};
+
+const WEIGHTS: [(&str, u32); 3] = [("b1", 1), ("b2", 1), ("b3", 2)];
+const FLOWS: usize = 1500;
+
+#[test]
+fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight() {
+    if !root_or_skip("l2_dsr_spreads_tcp_and_udp_over_backends_by_weight") {
+        return;
+    }
+    let names: Vec<&str> = WEIGHTS.iter().map(|w| w.0).collect();
+    let topo = L2Topology::new(&names).expect("topology");
+    let backends: String = WEIGHTS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, w))| {
+            format!("      - {{ address: {}, weight: {w} }}\n", lb_tests::topology::backend_address(i))
+        })
+        .collect();
+    let vip = |name: &str, port: u16, proto: &str| {
+        format!(
+            "  - name: {name}\n    address: {VIP}\n    port: {port}\n    protocol: {proto}\n    forwarding: l2\n    backends:\n{backends}"
+        )
+    };
+    let config = format!(
+        "interface: eth0\nxdp_mode: native\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n{}{}",
+        vip("web", TCP_PORT, "tcp"),
+        vip("echo", UDP_PORT, "udp")
+    );
+    let lb = topo.start_lb(&config).expect("lb run");
+
+    let tcp = topo
+        .client
+        .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), FLOWS))
+        .unwrap();
+    let udp = topo
+        .client
+        .enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), FLOWS))
+        .unwrap();
+    println!("tcp: {tcp:?}\nudp: {udp:?}");
+
+    for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
+        assert_eq!(tally.attempts(), FLOWS);
+        assert_eq!(tally.failures, 0, "{what}: every exchange succeeds; lb log:\n{}", lb.log());
+        let off = tally.off_weight(&WEIGHTS, 0.15);
+        assert!(off.is_empty(), "{what}: shares off weight by > 15%: {off:?}");
+    }
+    // The servers saw exactly what the client counted: nothing answered twice.
+    let served: usize = topo.served().iter().map(|s| s.1).sum();
+    assert_eq!(served, 2 * FLOWS);
+
+    let log = lb.log();
+    let status = lb.stop().expect("lb stops");
+    assert!(status.success(), "lb exits 0 on SIGTERM: {status}\n{log}");
+    let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("xdp"), "program detached on SIGTERM: {link}");
+}
