@@ -283,14 +283,15 @@ impl LbProcess {
         s
     }
 
-    /// Sends SIGTERM and waits (at most 10s) for a clean exit.
-    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+    /// Sends SIGTERM, waits (at most 10s) for the exit, and returns the exit
+    /// status with everything lb logged.
+    pub fn stop(mut self) -> anyhow::Result<(ExitStatus, String)> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
+                return Ok((status, self.log()));
             }
             if Instant::now() > deadline {
                 bail!("lb did not exit within 10s of SIGTERM:\n{}", self.log());

@@ -58,8 +58,7 @@ fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight() {
     let served: usize = topo.served().iter().map(|s| s.1).sum();
     assert_eq!(served, 2 * FLOWS);
 
-    let log = lb.log();
-    let status = lb.stop().expect("lb stops");
+    let (status, log) = lb.stop().expect("lb stops");
     assert!(status.success(), "lb exits 0 on SIGTERM: {status}\n{log}");
     let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
     let link = String::from_utf8_lossy(&link.stdout);
