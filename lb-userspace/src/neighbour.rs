@@ -41,10 +41,10 @@ pub struct NeighbourTable {
 
 /// What is known about one backend after a refresh.
 enum Entry {
-    /// MAC known and recently confirmed by the kernel.
-    Confirmed(Neighbour),
-    /// MAC known but not confirmed lately (stale): usable, worth re-probing.
-    Unconfirmed(Neighbour),
+    /// MAC known, and confirmed lately or being re-confirmed by the kernel.
+    Current(Neighbour),
+    /// MAC known but not confirmed lately: usable, worth provoking a probe.
+    Stale(Neighbour),
 }
 
 impl NeighbourTable {
@@ -91,8 +91,12 @@ impl NeighbourTable {
             let Some(&src_mac) = macs.get(&msg.header.ifindex) else { continue };
             let n = Neighbour { ifindex: msg.header.ifindex, mac, src_mac };
             let entry = match msg.header.state {
-                NeighbourState::Reachable | NeighbourState::Permanent | NeighbourState::Noarp => Entry::Confirmed(n),
-                NeighbourState::Stale | NeighbourState::Delay | NeighbourState::Probe => Entry::Unconfirmed(n),
+                NeighbourState::Reachable
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+                | NeighbourState::Delay
+                | NeighbourState::Probe => Entry::Current(n),
+                NeighbourState::Stale => Entry::Stale(n),
                 _ => continue,
             };
             found.insert(dst, entry);
@@ -101,16 +105,17 @@ impl NeighbourTable {
     }
 
     /// Reads the MACs of `wanted` and provokes resolution of those that are
-    /// missing or unconfirmed. Returns every usable MAC.
+    /// missing or stale (in DELAY or PROBE the kernel is already checking).
+    /// Returns every usable MAC.
     pub async fn refresh(&self, wanted: &[Ipv4Addr]) -> Result<Neighbours, NeighbourError> {
         let entries = self.entries(wanted).await?;
         let mut usable = Neighbours::new();
         for &addr in wanted {
             match entries.get(&addr) {
-                Some(Entry::Confirmed(n)) => {
+                Some(Entry::Current(n)) => {
                     usable.insert(addr, *n);
                 }
-                Some(Entry::Unconfirmed(n)) => {
+                Some(Entry::Stale(n)) => {
                     usable.insert(addr, *n);
                     provoke(addr);
                 }

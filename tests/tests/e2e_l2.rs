@@ -13,10 +13,20 @@ const WEIGHTS: [(&str, u32); 3] = [("b1", 1), ("b2", 1), ("b3", 2)];
 const FLOWS: usize = 1500;
 
 #[test]
-fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight() {
-    if !root_or_skip("l2_dsr_spreads_tcp_and_udp_over_backends_by_weight") {
-        return;
+fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight_native_xdp() {
+    if root_or_skip("l2_dsr_spreads_tcp_and_udp_over_backends_by_weight_native_xdp") {
+        spreads_by_weight("native");
     }
+}
+
+#[test]
+fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight_generic_xdp() {
+    if root_or_skip("l2_dsr_spreads_tcp_and_udp_over_backends_by_weight_generic_xdp") {
+        spreads_by_weight("generic");
+    }
+}
+
+fn spreads_by_weight(xdp_mode: &str) {
     let names: Vec<&str> = WEIGHTS.iter().map(|w| w.0).collect();
     let topo = L2Topology::new(&names).expect("topology");
     let backends: String = WEIGHTS
@@ -32,7 +42,7 @@ fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight() {
         )
     };
     let config = format!(
-        "interface: eth0\nxdp_mode: native\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n{}{}",
+        "interface: eth0\nxdp_mode: {xdp_mode}\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n{}{}",
         vip("web", TCP_PORT, "tcp"),
         vip("echo", UDP_PORT, "udp")
     );
@@ -62,5 +72,6 @@ fn l2_dsr_spreads_tcp_and_udp_over_backends_by_weight() {
     assert!(status.success(), "lb exits 0 on SIGTERM: {status}\n{log}");
     let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
     let link = String::from_utf8_lossy(&link.stdout);
+    assert!(log.contains(&format!("mode={}", xdp_mode[..1].to_uppercase() + &xdp_mode[1..])), "{log}");
     assert!(!link.contains("xdp"), "program detached on SIGTERM: {link}");
 }
