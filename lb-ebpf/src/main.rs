@@ -11,9 +11,7 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{
-    FAMILY_V4, NO_BACKEND, Stat, Traffic, VipKey, hash::flow_hash_v4,
-};
+use lb_common::{FAMILY_V4, FORWARD_L2, NO_BACKEND, Stat, Traffic, VipKey, hash::flow_hash_v4};
 
 use crate::maps::{BACKEND_STATS, BACKENDS, CONFIG, MAGLEV, STATS, VIP_STATS, VIPS};
 
@@ -90,7 +88,11 @@ fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(Verdict::Drop(Stat::DropInternal))?;
-    let verdict = forward::l2(ctx, backend)?;
+    let verdict = match vip.forwarding {
+        FORWARD_L2 => forward::l2(ctx, backend)?,
+        // Userspace only writes modes this program knows.
+        _ => return Err(Verdict::Drop(Stat::DropInternal)),
+    };
     add_traffic(&BACKEND_STATS, backend_id, bytes);
     Ok(verdict)
 }
