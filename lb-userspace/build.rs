@@ -12,7 +12,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no parent of {manifest_dir}"))?
         .join("lb-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {root:?}"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",

@@ -12,7 +12,10 @@ const C2: u32 = 0x1b87_3593;
 #[inline(always)]
 fn mix(h: u32, word: u32) -> u32 {
     let k = word.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]

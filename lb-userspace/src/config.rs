@@ -176,7 +176,10 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
     #[error("{file}: {}", .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid { file: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {
@@ -273,20 +276,29 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         if v.name.is_empty() {
             p.add(format!("{at}.name"), "must not be empty");
         } else if !names.insert(v.name.clone()) {
-            p.add(format!("{at}.name"), format!("duplicate VIP name `{}`", v.name));
+            p.add(
+                format!("{at}.name"),
+                format!("duplicate VIP name `{}`", v.name),
+            );
         }
         let address = parse_v4(&mut p, &format!("{at}.address"), &v.address);
         let port = match u16::try_from(v.port) {
             Ok(port) if port != 0 => Some(port),
             _ => {
-                p.add(format!("{at}.port"), format!("{} is not a port (1..=65535)", v.port));
+                p.add(
+                    format!("{at}.port"),
+                    format!("{} is not a port (1..=65535)", v.port),
+                );
                 None
             }
         };
         if let (Some(a), Some(port)) = (address, port)
             && !keys.insert((a, port, v.protocol))
         {
-            p.add(at.clone(), format!("duplicate VIP {a}:{port}/{}", v.protocol));
+            p.add(
+                at.clone(),
+                format!("duplicate VIP {a}:{port}/{}", v.protocol),
+            );
         }
 
         if v.backends.is_empty() {
@@ -369,7 +381,9 @@ pub fn is_prime(n: u32) -> bool {
         return false;
     }
     let n = n as u64;
-    (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    (2..)
+        .take_while(|d| d * d <= n)
+        .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]
@@ -419,20 +433,28 @@ vips:
         let c = parse(GOOD).expect("valid");
         assert_eq!(c.interface, "eth0");
         assert_eq!(c.xdp_mode, XdpMode::Native);
-        assert_eq!((c.table_size, c.seed, c.max_vips), (65537, 0x5eed, DEFAULT_MAX_VIPS));
+        assert_eq!(
+            (c.table_size, c.seed, c.max_vips),
+            (65537, 0x5eed, DEFAULT_MAX_VIPS)
+        );
         assert_eq!(c.vips.len(), 2);
         assert_eq!(c.vips[0].address, Ipv4Addr::new(192, 0, 2, 10));
         assert_eq!(c.vips[1].protocol, Protocol::Udp);
         assert_eq!(
             c.vips[0].backends[1],
-            Backend { address: Ipv4Addr::new(198, 51, 100, 12), weight: 100 }
+            Backend {
+                address: Ipv4Addr::new(198, 51, 100, 12),
+                weight: 100
+            }
         );
     }
 
     #[test]
     fn the_shipped_configs_are_valid() {
         for name in ["demo.yaml", "example.yaml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../config")
+                .join(name);
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         }
     }
@@ -440,21 +462,30 @@ vips:
     #[test]
     fn rejects_a_non_prime_table_size() {
         let e = error_with("table_size: 65537", "table_size: 65536");
-        assert!(e.contains("maglev.table_size") && e.contains("not prime"), "{e}");
+        assert!(
+            e.contains("maglev.table_size") && e.contains("not prime"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_an_out_of_range_table_size() {
         for size in ["7", "1000003", "-5"] {
             let e = error_with("table_size: 65537", &format!("table_size: {size}"));
-            assert!(e.contains("maglev.table_size") && e.contains("out of range"), "{e}");
+            assert!(
+                e.contains("maglev.table_size") && e.contains("out of range"),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn rejects_a_duplicate_vip() {
         let e = error_with("port: 53\n    protocol: udp", "port: 80\n    protocol: tcp");
-        assert!(e.contains("vips[1]") && e.contains("duplicate VIP 192.0.2.10:80/tcp"), "{e}");
+        assert!(
+            e.contains("vips[1]") && e.contains("duplicate VIP 192.0.2.10:80/tcp"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -466,41 +497,62 @@ vips:
     #[test]
     fn rejects_a_duplicate_backend() {
         let e = error_with("198.51.100.12", "198.51.100.11");
-        assert!(e.contains("vips[0].backends[1].address") && e.contains("duplicate backend"), "{e}");
+        assert!(
+            e.contains("vips[0].backends[1].address") && e.contains("duplicate backend"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_zero_and_negative_weights() {
         for w in ["0", "-3", "70000"] {
             let e = error_with("weight: 1 }", &format!("weight: {w} }}"));
-            assert!(e.contains("vips[1].backends[0].weight") && e.contains("out of range"), "{e}");
+            assert!(
+                e.contains("vips[1].backends[0].weight") && e.contains("out of range"),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn rejects_an_unknown_protocol() {
         let e = error_with("protocol: tcp", "protocol: sctp");
-        assert!(e.contains("vips[0].protocol") && e.contains("unknown variant `sctp`"), "{e}");
+        assert!(
+            e.contains("vips[0].protocol") && e.contains("unknown variant `sctp`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_an_unknown_forwarding_mode() {
         let e = error_with("forwarding: l2", "forwarding: gre");
-        assert!(e.contains("vips[0].forwarding") && e.contains("unknown variant `gre`"), "{e}");
+        assert!(
+            e.contains("vips[0].forwarding") && e.contains("unknown variant `gre`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_an_unknown_xdp_mode() {
         let e = error_with("xdp_mode: native", "xdp_mode: offload");
-        assert!(e.contains("xdp_mode") && e.contains("unknown variant `offload`"), "{e}");
+        assert!(
+            e.contains("xdp_mode") && e.contains("unknown variant `offload`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_unparsable_addresses() {
         let e = error_with("address: 192.0.2.10", "address: 192.0.2.300");
-        assert!(e.contains("vips[0].address") && e.contains("not an IP address"), "{e}");
+        assert!(
+            e.contains("vips[0].address") && e.contains("not an IP address"),
+            "{e}"
+        );
         let e = error_with("198.51.100.11, weight: 100", "backend-1, weight: 100");
-        assert!(e.contains("vips[0].backends[0].address") && e.contains("not an IP address"), "{e}");
+        assert!(
+            e.contains("vips[0].backends[0].address") && e.contains("not an IP address"),
+            "{e}"
+        );
         let e = error_with("address: 192.0.2.10", "address: 2001:db8::1");
         assert!(e.contains("vips[0].address") && e.contains("IPv6"), "{e}");
     }
@@ -518,7 +570,10 @@ vips:
         let e = error_with("xdp_mode: native", "xdp_mode: native\ncolour: blue");
         assert!(e.contains("unknown field `colour`"), "{e}");
         let e = error_with("weight: 1 }", "weight: 1, port: 8080 }");
-        assert!(e.contains("vips[1].backends[0]") && e.contains("unknown field `port`"), "{e}");
+        assert!(
+            e.contains("vips[1].backends[0]") && e.contains("unknown field `port`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -528,12 +583,17 @@ vips:
             "    backends: []\n",
         );
         let e = parse(&text).expect_err("no backends").to_string();
-        assert!(e.contains("vips[1].backends") && e.contains("at least one"), "{e}");
+        assert!(
+            e.contains("vips[1].backends") && e.contains("at least one"),
+            "{e}"
+        );
     }
 
     #[test]
     fn reports_every_problem_and_the_file() {
-        let text = GOOD.replace("port: 80", "port: 0").replace("weight: 1 }", "weight: 0 }");
+        let text = GOOD
+            .replace("port: 80", "port: 0")
+            .replace("weight: 1 }", "weight: 0 }");
         let e = parse(&text).expect_err("two problems");
         assert_eq!(e.problems().len(), 2, "{e}");
         assert!(e.to_string().starts_with("test.yaml: "), "{e}");

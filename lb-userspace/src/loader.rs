@@ -36,6 +36,8 @@ pub fn load(table_size: u32, max_vips: u32) -> Result<Ebpf, LoadError> {
 
 /// The load balancer's XDP program inside `ebpf`.
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
-    let prog = ebpf.program_mut(PROGRAM_NAME).ok_or(LoadError::MissingProgram)?;
+    let prog = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or(LoadError::MissingProgram)?;
     Ok(prog.try_into()?)
 }

@@ -51,7 +51,10 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
     let mut slots = vec![lb_common::NO_BACKEND; table_size as usize];
     let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(0) as u64;
     if max_weight == 0 || m == 0 {
-        return Table { backends: sorted, slots };
+        return Table {
+            backends: sorted,
+            slots,
+        };
     }
 
     // Each backend's permutation is offset + j * skip (mod m); `next` is the
@@ -84,7 +87,10 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
             }
             filled += 1;
             if filled == m {
-                return Table { backends: sorted, slots };
+                return Table {
+                    backends: sorted,
+                    slots,
+                };
             }
         }
     }
@@ -138,7 +144,10 @@ mod tests {
                 "n={n} backend {i}: {c} slots, mean {mean:.2}"
             );
             let dev = (c as f64 - mean).abs() / mean;
-            assert!(dev <= 0.01 || (c as f64 - mean).abs() < 1.0, "n={n} backend {i}: off by {dev:.4}");
+            assert!(
+                dev <= 0.01 || (c as f64 - mean).abs() < 1.0,
+                "n={n} backend {i}: off by {dev:.4}"
+            );
         }
     }
 

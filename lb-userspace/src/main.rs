@@ -12,7 +12,11 @@ use lb_userspace::{
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "XDP Maglev load balancer with direct server return")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP Maglev load balancer with direct server return"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +70,10 @@ fn main() -> ExitCode {
                     });
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("lb: cannot start the runtime: {e}");
@@ -107,7 +114,10 @@ fn print_plan(file: &std::path::Path, c: &Config) {
             "\nVIP {} {}:{}/{} forwarding {:?}",
             vip.name, vip.address, vip.port, vip.protocol, vip.forwarding
         );
-        println!("  {:<16} {:>6} {:>8} {:>8} {:>9}", "backend", "weight", "slots", "share", "expected");
+        println!(
+            "  {:<16} {:>6} {:>8} {:>8} {:>9}",
+            "backend", "weight", "slots", "share", "expected"
+        );
         let total_weight: u64 = table.backends.iter().map(|b| b.weight as u64).sum();
         for (b, slots) in table.backends.iter().zip(table.slot_counts()) {
             println!(

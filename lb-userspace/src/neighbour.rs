@@ -14,11 +14,11 @@ use std::{
 };
 
 use futures::TryStreamExt as _;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::{
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
 };
-use netlink_packet_route::AddressFamily;
 use rtnetlink::Handle;
 
 use crate::reconcile::{Neighbour, Neighbours};
@@ -70,9 +70,17 @@ impl NeighbourTable {
         Ok(macs)
     }
 
-    async fn entries(&self, wanted: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Entry>, NeighbourError> {
+    async fn entries(
+        &self,
+        wanted: &[Ipv4Addr],
+    ) -> Result<BTreeMap<Ipv4Addr, Entry>, NeighbourError> {
         let macs = self.link_macs().await?;
-        let mut dump = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
+        let mut dump = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
         let mut found = BTreeMap::new();
         while let Some(msg) = dump.try_next().await? {
             let mut dst = None;
@@ -80,16 +88,26 @@ impl NeighbourTable {
             for attr in &msg.attributes {
                 match attr {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
-                    NeighbourAttribute::LinkLayerAddress(l) => lladdr = <[u8; 6]>::try_from(l.as_slice()).ok(),
+                    NeighbourAttribute::LinkLayerAddress(l) => {
+                        lladdr = <[u8; 6]>::try_from(l.as_slice()).ok()
+                    }
                     _ => {}
                 }
             }
-            let (Some(dst), Some(mac)) = (dst, lladdr) else { continue };
+            let (Some(dst), Some(mac)) = (dst, lladdr) else {
+                continue;
+            };
             if !wanted.contains(&dst) {
                 continue;
             }
-            let Some(&src_mac) = macs.get(&msg.header.ifindex) else { continue };
-            let n = Neighbour { ifindex: msg.header.ifindex, mac, src_mac };
+            let Some(&src_mac) = macs.get(&msg.header.ifindex) else {
+                continue;
+            };
+            let n = Neighbour {
+                ifindex: msg.header.ifindex,
+                mac,
+                src_mac,
+            };
             let entry = match msg.header.state {
                 NeighbourState::Reachable
                 | NeighbourState::Permanent
@@ -128,7 +146,11 @@ impl NeighbourTable {
     /// Refreshes until every address in `wanted` has a MAC or `patience` runs
     /// out; returns what it has. Used at start-up so the first packets do not
     /// meet unresolved backends.
-    pub async fn resolve(&self, wanted: &[Ipv4Addr], patience: Duration) -> Result<Neighbours, NeighbourError> {
+    pub async fn resolve(
+        &self,
+        wanted: &[Ipv4Addr],
+        patience: Duration,
+    ) -> Result<Neighbours, NeighbourError> {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let found = self.refresh(wanted).await?;

@@ -62,7 +62,12 @@ pub fn plan(config: &Config) -> Vec<(&Vip, maglev::Table)> {
     config
         .vips
         .iter()
-        .map(|v| (v, maglev::build(&weighted(v), config.table_size, config.seed)))
+        .map(|v| {
+            (
+                v,
+                maglev::build(&weighted(v), config.table_size, config.seed),
+            )
+        })
         .collect()
 }
 
@@ -70,7 +75,10 @@ fn weighted(vip: &Vip) -> Vec<Weighted> {
     let mut w: Vec<Weighted> = vip
         .backends
         .iter()
-        .map(|b| Weighted { address: b.address, weight: b.weight })
+        .map(|b| Weighted {
+            address: b.address,
+            weight: b.weight,
+        })
         .collect();
     w.sort_by_key(|b| b.address);
     w
@@ -90,7 +98,9 @@ struct AppliedVip {
 pub enum ReconcileError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("maglev.table_size {new} differs from the loaded program's {loaded}; restart to change it")]
+    #[error(
+        "maglev.table_size {new} differs from the loaded program's {loaded}; restart to change it"
+    )]
     TableSizeChanged { loaded: u32, new: u32 },
     #[error("no free {what} id (capacity {capacity})")]
     Exhausted { what: &'static str, capacity: u32 },
@@ -133,14 +143,21 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Makes the maps express `config` with the MACs in `neighbours`.
-    pub fn apply(&mut self, config: &Config, neighbours: &Neighbours) -> Result<(), ReconcileError> {
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        neighbours: &Neighbours,
+    ) -> Result<(), ReconcileError> {
         if config.table_size != self.table_size {
             return Err(ReconcileError::TableSizeChanged {
                 loaded: self.table_size,
                 new: config.table_size,
             });
         }
-        let global = GlobalConfig { hash_seed: config.seed, _pad: 0 };
+        let global = GlobalConfig {
+            hash_seed: config.seed,
+            _pad: 0,
+        };
         if self.global != Some(global) {
             self.dp.set_global(global)?;
             self.global = Some(global);
@@ -148,7 +165,12 @@ impl<D: Dataplane> Reconciler<D> {
 
         // VIPs that are gone stop matching before their ids are reused.
         let wanted: std::collections::BTreeSet<VipKey> = config.vips.iter().map(vip_key).collect();
-        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let gone: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
         for key in gone {
             self.dp.remove_vip(key)?;
             self.vips.remove(&key);
@@ -163,7 +185,12 @@ impl<D: Dataplane> Reconciler<D> {
         Ok(())
     }
 
-    fn apply_vip(&mut self, key: VipKey, vip: &Vip, neighbours: &Neighbours) -> Result<(), ReconcileError> {
+    fn apply_vip(
+        &mut self,
+        key: VipKey,
+        vip: &Vip,
+        neighbours: &Neighbours,
+    ) -> Result<(), ReconcileError> {
         // Backend entries first: a table may only name ids whose entry exists.
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
@@ -196,11 +223,18 @@ impl<D: Dataplane> Reconciler<D> {
         let (id, half) = match applied {
             Some(a) if !rebuild => (a.entry.id, a.half),
             Some(a) => (a.entry.id, (a.half + 1) % TABLE_HALVES),
-            None => (lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?, 0),
+            None => (
+                lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?,
+                0,
+            ),
         };
         let table_base = (id * TABLE_HALVES + half) * self.table_size;
         if rebuild {
-            let table = maglev::build(&input, self.table_size, self.global.map_or(0, |g| g.hash_seed));
+            let table = maglev::build(
+                &input,
+                self.table_size,
+                self.global.map_or(0, |g| g.hash_seed),
+            );
             let slots: Vec<u32> = table
                 .slots
                 .iter()
@@ -211,7 +245,12 @@ impl<D: Dataplane> Reconciler<D> {
                 .collect();
             self.dp.write_table(table_base, &slots)?;
         }
-        let entry = VipEntry { id, table_base, table_size: self.table_size, forwarding };
+        let entry = VipEntry {
+            id,
+            table_base,
+            table_size: self.table_size,
+            forwarding,
+        };
         if applied.is_none_or(|a| a.entry != entry) {
             self.dp.set_vip(key, entry)?;
         }
@@ -219,7 +258,15 @@ impl<D: Dataplane> Reconciler<D> {
         // table (which no longer names them) is active.
         self.backend_ids
             .retain(|(k, addr), _| *k != key || ids.contains_key(addr));
-        self.vips.insert(key, AppliedVip { entry, name: vip.name.clone(), half, input });
+        self.vips.insert(
+            key,
+            AppliedVip {
+                entry,
+                name: vip.name.clone(),
+                half,
+                input,
+            },
+        );
         Ok(())
     }
 
@@ -229,13 +276,24 @@ impl<D: Dataplane> Reconciler<D> {
             .iter()
             .map(|(key, a)| VipTraffic {
                 name: a.name.clone(),
-                total: counters.vips.get(a.entry.id as usize).copied().unwrap_or_default(),
+                total: counters
+                    .vips
+                    .get(a.entry.id as usize)
+                    .copied()
+                    .unwrap_or_default(),
                 backends: self
                     .backend_ids
                     .iter()
                     .filter(|((k, _), _)| k == key)
                     .map(|(&(_, addr), &id)| {
-                        (addr, counters.backends.get(id as usize).copied().unwrap_or_default())
+                        (
+                            addr,
+                            counters
+                                .backends
+                                .get(id as usize)
+                                .copied()
+                                .unwrap_or_default(),
+                        )
                     })
                     .collect(),
             })
@@ -284,7 +342,14 @@ mod tests {
         [11u8, 12, 13]
             .into_iter()
             .map(|i| {
-                (Ipv4Addr::new(10, 0, 0, i), Neighbour { ifindex: 2, mac: [2, 0, 0, 0, 0, i], src_mac: [2; 6] })
+                (
+                    Ipv4Addr::new(10, 0, 0, i),
+                    Neighbour {
+                        ifindex: 2,
+                        mac: [2, 0, 0, 0, 0, i],
+                        src_mac: [2; 6],
+                    },
+                )
             })
             .collect()
     }
@@ -316,16 +381,31 @@ mod tests {
         assert_eq!(dp.vips.len(), 2);
         assert_eq!(dp.backends.len(), 3, "one entry per (VIP, backend) pair");
         // The program must never see a VIP whose table is not written yet.
-        let table_at = dp.log.iter().position(|l| l.starts_with("write_table 0 ")).unwrap();
+        let table_at = dp
+            .log
+            .iter()
+            .position(|l| l.starts_with("write_table 0 "))
+            .unwrap();
         let vip_at = dp.log.iter().position(|l| l == "set_vip 0").unwrap();
         assert!(table_at < vip_at, "{:?}", dp.log);
         // The table in the map is the one the pure builder gives.
         let (vip, table) = &plan(&c)[0];
-        let expected: Vec<Ipv4Addr> = table.slots.iter().map(|&s| table.backends[s as usize].address).collect();
+        let expected: Vec<Ipv4Addr> = table
+            .slots
+            .iter()
+            .map(|&s| table.backends[s as usize].address)
+            .collect();
         assert_eq!(active_addresses(&r, vip), expected);
         // Resolved MACs reach the backend entries.
-        let e = dp.backends.values().find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12])).unwrap();
-        assert_eq!((e.dst_mac, e.src_mac, e.ifindex, e.flags), ([2, 0, 0, 0, 0, 12], [2; 6], 2, BACKEND_F_RESOLVED));
+        let e = dp
+            .backends
+            .values()
+            .find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12]))
+            .unwrap();
+        assert_eq!(
+            (e.dst_mac, e.src_mac, e.ifindex, e.flags),
+            ([2, 0, 0, 0, 0, 12], [2; 6], 2, BACKEND_F_RESOLVED)
+        );
     }
 
     #[test]
@@ -334,7 +414,12 @@ mod tests {
         r.apply(&config(false, 1), &neighbours()).unwrap();
         let before = r.dataplane().log.len();
         r.apply(&config(false, 1), &neighbours()).unwrap();
-        assert_eq!(r.dataplane().log.len(), before, "{:?}", &r.dataplane().log[before..]);
+        assert_eq!(
+            r.dataplane().log.len(),
+            before,
+            "{:?}",
+            &r.dataplane().log[before..]
+        );
     }
 
     #[test]
@@ -348,11 +433,21 @@ mod tests {
         let new = r.dataplane().log[mark..].to_vec();
         let entry = r.dataplane().vips[&vip_key(&c.vips[0])];
         assert_eq!(entry.table_base, base_before + M, "other half of VIP 0");
-        assert_eq!(new, ["set_backend 3".to_string(), format!("write_table {M} {M}"), "set_vip 0".into()]);
+        assert_eq!(
+            new,
+            [
+                "set_backend 3".to_string(),
+                format!("write_table {M} {M}"),
+                "set_vip 0".into()
+            ]
+        );
         assert!(active_addresses(&r, &c.vips[0]).contains(&Ipv4Addr::new(10, 0, 0, 13)));
         // A weight change flips back to the first half.
         r.apply(&config(true, 3), &neighbours()).unwrap();
-        assert_eq!(r.dataplane().vips[&vip_key(&c.vips[0])].table_base, base_before);
+        assert_eq!(
+            r.dataplane().vips[&vip_key(&c.vips[0])].table_base,
+            base_before
+        );
     }
 
     #[test]
@@ -372,7 +467,12 @@ mod tests {
         let mut n = neighbours();
         n.remove(&Ipv4Addr::new(10, 0, 0, 12));
         r.apply(&config(false, 1), &n).unwrap();
-        let e = r.dataplane().backends.values().find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12])).unwrap();
+        let e = r
+            .dataplane()
+            .backends
+            .values()
+            .find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12]))
+            .unwrap();
         assert_eq!((e.flags, e.dst_mac), (0, [0; 6]));
     }
 
@@ -387,14 +487,24 @@ mod tests {
         assert!(!r.dataplane().vips.contains_key(&vip_key(&c.vips[0])));
         assert_eq!(r.dataplane().vips.len(), 1);
         r.apply(&c, &neighbours()).unwrap();
-        assert_eq!(r.dataplane().vips[&vip_key(&c.vips[0])].id, 0, "lowest free id");
+        assert_eq!(
+            r.dataplane().vips[&vip_key(&c.vips[0])].id,
+            0,
+            "lowest free id"
+        );
     }
 
     #[test]
     fn a_different_table_size_is_refused() {
         let mut r = Reconciler::new(FakeDataplane::default(), 257, 4);
         let e = r.apply(&config(false, 1), &neighbours()).unwrap_err();
-        assert!(matches!(e, ReconcileError::TableSizeChanged { loaded: 257, new: M }));
+        assert!(matches!(
+            e,
+            ReconcileError::TableSizeChanged {
+                loaded: 257,
+                new: M
+            }
+        ));
         assert!(r.dataplane().log.is_empty());
     }
 
@@ -404,11 +514,23 @@ mod tests {
         r.apply(&config(false, 1), &neighbours()).unwrap();
         let mut counters = r.dataplane().counters().unwrap();
         let web = r.dataplane().vips[&vip_key(&config(false, 1).vips[0])].id as usize;
-        counters.vips[web] = Traffic { packets: 3, bytes: 180 };
-        counters.backends[1] = Traffic { packets: 2, bytes: 120 };
+        counters.vips[web] = Traffic {
+            packets: 3,
+            bytes: 180,
+        };
+        counters.backends[1] = Traffic {
+            packets: 2,
+            bytes: 120,
+        };
         let t = r.traffic(&counters);
         let web = t.iter().find(|v| v.name == "web").unwrap();
         assert_eq!(web.total.packets, 3);
-        assert!(web.backends.contains(&(Ipv4Addr::new(10, 0, 0, 12), Traffic { packets: 2, bytes: 120 })));
+        assert!(web.backends.contains(&(
+            Ipv4Addr::new(10, 0, 0, 12),
+            Traffic {
+                packets: 2,
+                bytes: 120
+            }
+        )));
     }
 }

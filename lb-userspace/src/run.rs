@@ -46,7 +46,12 @@ pub async fn run(config: Config, ifindex: u32) -> anyhow::Result<()> {
     };
     let link = loader::program(&mut ebpf)?
         .attach_to_if_index(ifindex, mode)
-        .with_context(|| format!("attaching to {} in {:?} mode", config.interface, config.xdp_mode))?;
+        .with_context(|| {
+            format!(
+                "attaching to {} in {:?} mode",
+                config.interface, config.xdp_mode
+            )
+        })?;
     info!(interface = %config.interface, mode = ?config.xdp_mode, vips = config.vips.len(), "attached");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -118,5 +123,8 @@ fn log_counters(reconciler: &Reconciler<AyaDataplane>) {
 }
 
 fn mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

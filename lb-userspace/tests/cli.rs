@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn lb(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lb")).args(args).output().expect("run lb");
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(args)
+        .output()
+        .expect("run lb");
     (
         out.status.code().expect("exit code"),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -40,13 +43,24 @@ fn a_bad_config_exits_64_naming_the_field_and_file() {
     let dir = std::env::temp_dir().join(format!("lb-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.yaml");
-    let text = std::fs::read_to_string(config_path("example.yaml")).unwrap().replace("65537", "65536");
+    let text = std::fs::read_to_string(config_path("example.yaml"))
+        .unwrap()
+        .replace("65537", "65536");
     std::fs::write(&bad, text).unwrap();
-    for cmd in [vec!["check-config", bad.to_str().unwrap()], vec!["run", "--config", bad.to_str().unwrap()]] {
+    for cmd in [
+        vec!["check-config", bad.to_str().unwrap()],
+        vec!["run", "--config", bad.to_str().unwrap()],
+    ] {
         let (code, out, err) = lb(&cmd);
         assert_eq!(code, 64, "{cmd:?}: {out}{err}");
-        assert!(err.contains("Invalid configuration") && err.contains("bad.yaml"), "{err}");
-        assert!(err.contains("maglev.table_size") && err.contains("not prime"), "{err}");
+        assert!(
+            err.contains("Invalid configuration") && err.contains("bad.yaml"),
+            "{err}"
+        );
+        assert!(
+            err.contains("maglev.table_size") && err.contains("not prime"),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -55,7 +69,10 @@ fn a_bad_config_exits_64_naming_the_field_and_file() {
 fn a_missing_file_exits_64() {
     let (code, _, err) = lb(&["check-config", "/nonexistent/lb.yaml"]);
     assert_eq!(code, 64);
-    assert!(err.contains("/nonexistent/lb.yaml") && err.contains("cannot read"), "{err}");
+    assert!(
+        err.contains("/nonexistent/lb.yaml") && err.contains("cannot read"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -69,6 +86,9 @@ fn run_rejects_an_interface_that_does_not_exist() {
     std::fs::write(&cfg, text).unwrap();
     let (code, _, err) = lb(&["run", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("interface") && err.contains("`nosuchif0` does not exist"), "{err}");
+    assert!(
+        err.contains("interface") && err.contains("`nosuchif0` does not exist"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

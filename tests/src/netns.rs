@@ -67,7 +67,8 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     /// Runs `f` on a thread that has entered the namespace. Sockets and
@@ -100,10 +101,14 @@ impl Drop for Netns {
 /// Deletes namespaces left by runs whose process no longer exists (a test
 /// binary killed with SIGKILL cannot clean up after itself).
 fn sweep_leftovers() {
-    let Ok(out) = run("ip", &["netns", "list"]) else { return };
+    let Ok(out) = run("ip", &["netns", "list"]) else {
+        return;
+    };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else { continue };
+        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
+            continue;
+        };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = run("ip", &["netns", "delete", name]);
         }

@@ -31,7 +31,16 @@ pub fn backend_mac(a: Ipv4Addr) -> [u8; 6] {
 pub fn neighbours(addrs: impl IntoIterator<Item = Ipv4Addr>, ifindex: u32) -> Neighbours {
     addrs
         .into_iter()
-        .map(|a| (a, Neighbour { ifindex, mac: backend_mac(a), src_mac: LB_MAC }))
+        .map(|a| {
+            (
+                a,
+                Neighbour {
+                    ifindex,
+                    mac: backend_mac(a),
+                    src_mac: LB_MAC,
+                },
+            )
+        })
         .collect()
 }
 
@@ -53,9 +62,17 @@ impl Harness {
     pub fn new(config: &str, neighbours: &Neighbours) -> anyhow::Result<Harness> {
         let config = Config::parse(config, Path::new("packet-test.yaml"))?;
         let mut ebpf = loader::load(config.table_size, config.max_vips)?;
-        let mut reconciler = Reconciler::new(AyaDataplane::new(&mut ebpf)?, config.table_size, config.max_vips);
+        let mut reconciler = Reconciler::new(
+            AyaDataplane::new(&mut ebpf)?,
+            config.table_size,
+            config.max_vips,
+        );
         reconciler.apply(&config, neighbours)?;
-        Ok(Harness { ebpf, reconciler, config })
+        Ok(Harness {
+            ebpf,
+            reconciler,
+            config,
+        })
     }
 
     /// Runs one packet once.
@@ -70,7 +87,10 @@ impl Harness {
             })
             .context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
-        Ok(Outcome { action: result.return_value, packet: out })
+        Ok(Outcome {
+            action: result.return_value,
+            packet: out,
+        })
     }
 
     pub fn counters(&self) -> anyhow::Result<Counters> {
@@ -123,8 +143,9 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8])
 
 /// A TCP SYN whose IPv4 header carries options (IHL > 5).
 pub fn tcp_syn_with_ip_options(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    let mut ip = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, src.octets(), dst.octets())
-        .expect("IPv4 header");
+    let mut ip =
+        etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, src.octets(), dst.octets())
+            .expect("IPv4 header");
     // Four NOPs and an end-of-options byte, padded: 8 bytes, IHL 7.
     ip.options = [1u8, 1, 1, 1, 0, 0, 0, 0][..].try_into().expect("options");
     let mut p = Vec::new();

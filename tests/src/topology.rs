@@ -97,7 +97,11 @@ impl L2Topology {
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
             }
             servers.push(Server::start(&ns, name)?);
-            backends.push(Backend { name: name.to_string(), address, ns });
+            backends.push(Backend {
+                name: name.to_string(),
+                address,
+                ns,
+            });
         }
 
         Ok(L2Topology {
@@ -131,8 +135,18 @@ fn plug(switch: &Netns, ns: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Resul
     crate::netns::run(
         "ip",
         &[
-            "link", "add", "eth0", "netns", ns.name(), "type", "veth", "peer", "name", port,
-            "netns", switch.name(),
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            switch.name(),
         ],
     )?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;

@@ -37,9 +37,11 @@ impl Tally {
         weights
             .iter()
             .filter_map(|&(name, w)| {
-                let share = *self.by_backend.get(name).unwrap_or(&0) as f64 / answered.max(1) as f64;
+                let share =
+                    *self.by_backend.get(name).unwrap_or(&0) as f64 / answered.max(1) as f64;
                 let expected = w as f64 / total as f64;
-                ((share - expected).abs() > tolerance * expected).then(|| (name.to_string(), share, expected))
+                ((share - expected).abs() > tolerance * expected)
+                    .then(|| (name.to_string(), share, expected))
             })
             .collect()
     }
@@ -50,12 +52,14 @@ impl Tally {
 pub fn tcp_connections(to: SocketAddr, n: usize) -> Tally {
     let mut tally = Tally::default();
     for _ in 0..n {
-        let answer = TcpStream::connect_timeout(&to, TIMEOUT).ok().and_then(|mut s| {
-            s.set_read_timeout(Some(TIMEOUT)).ok()?;
-            let mut name = String::new();
-            s.read_to_string(&mut name).ok()?;
-            (!name.is_empty()).then_some(name)
-        });
+        let answer = TcpStream::connect_timeout(&to, TIMEOUT)
+            .ok()
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(TIMEOUT)).ok()?;
+                let mut name = String::new();
+                s.read_to_string(&mut name).ok()?;
+                (!name.is_empty()).then_some(name)
+            });
         tally.record(answer);
     }
     tally

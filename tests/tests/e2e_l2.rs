@@ -33,7 +33,10 @@ fn spreads_by_weight(xdp_mode: &str) {
         .iter()
         .enumerate()
         .map(|(i, (_, w))| {
-            format!("      - {{ address: {}, weight: {w} }}\n", lb_tests::topology::backend_address(i))
+            format!(
+                "      - {{ address: {}, weight: {w} }}\n",
+                lb_tests::topology::backend_address(i)
+            )
         })
         .collect();
     let vip = |name: &str, port: u16, proto: &str| {
@@ -60,9 +63,17 @@ fn spreads_by_weight(xdp_mode: &str) {
 
     for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
         assert_eq!(tally.attempts(), FLOWS);
-        assert_eq!(tally.failures, 0, "{what}: every exchange succeeds; lb log:\n{}", lb.log());
+        assert_eq!(
+            tally.failures,
+            0,
+            "{what}: every exchange succeeds; lb log:\n{}",
+            lb.log()
+        );
         let off = tally.off_weight(&WEIGHTS, 0.15);
-        assert!(off.is_empty(), "{what}: shares off weight by > 15%: {off:?}");
+        assert!(
+            off.is_empty(),
+            "{what}: shares off weight by > 15%: {off:?}"
+        );
     }
     // The servers saw exactly what the client counted: nothing answered twice.
     let served: usize = topo.served().iter().map(|s| s.1).sum();
@@ -72,6 +83,12 @@ fn spreads_by_weight(xdp_mode: &str) {
     assert!(status.success(), "lb exits 0 on SIGTERM: {status}\n{log}");
     let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
     let link = String::from_utf8_lossy(&link.stdout);
-    assert!(log.contains(&format!("mode={}", xdp_mode[..1].to_uppercase() + &xdp_mode[1..])), "{log}");
+    assert!(
+        log.contains(&format!(
+            "mode={}",
+            xdp_mode[..1].to_uppercase() + &xdp_mode[1..]
+        )),
+        "{log}"
+    );
     assert!(!link.contains("xdp"), "program detached on SIGTERM: {link}");
 }

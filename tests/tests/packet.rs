@@ -81,7 +81,9 @@ fn assert_forwarded(out: &lb_tests::packet::Outcome, input: &[u8], backend: Ipv4
 
 #[test]
 fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
-    let Some(mut h) = harness("tcp_syn_to_a_vip") else { return };
+    let Some(mut h) = harness("tcp_syn_to_a_vip") else {
+        return;
+    };
     let web = h.config.vips[0].clone();
     let mut per_backend = BTreeMap::new();
     let n = 300u64;
@@ -94,20 +96,36 @@ fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
         assert_forwarded(&out, &input, expected);
         *per_backend.entry(expected).or_insert(0u64) += 1;
     }
-    assert_eq!(per_backend.len(), 3, "all three backends get flows: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "all three backends get flows: {per_backend:?}"
+    );
     assert_stats(&h, &[(Stat::ActionTx, n)]);
     let traffic = h.reconciler.traffic(&h.counters().unwrap());
     let web_traffic = traffic.iter().find(|v| v.name == "web").unwrap();
-    assert_eq!((web_traffic.total.packets, web_traffic.total.bytes), (n, bytes));
+    assert_eq!(
+        (web_traffic.total.packets, web_traffic.total.bytes),
+        (n, bytes)
+    );
     for (addr, t) in &web_traffic.backends {
-        assert_eq!(t.packets, per_backend[addr], "backend {addr} packet counter");
-        assert_eq!(t.bytes, per_backend[addr] * (bytes / n), "backend {addr} byte counter");
+        assert_eq!(
+            t.packets, per_backend[addr],
+            "backend {addr} packet counter"
+        );
+        assert_eq!(
+            t.bytes,
+            per_backend[addr] * (bytes / n),
+            "backend {addr} byte counter"
+        );
     }
 }
 
 #[test]
 fn udp_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
-    let Some(mut h) = harness("udp_to_a_vip") else { return };
+    let Some(mut h) = harness("udp_to_a_vip") else {
+        return;
+    };
     let dns = h.config.vips[1].clone();
     let mut seen = std::collections::BTreeSet::new();
     for sport in 1024..1224u16 {
@@ -123,7 +141,9 @@ fn udp_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
 
 #[test]
 fn the_same_five_tuple_always_picks_the_same_backend() {
-    let Some(mut h) = harness("same_five_tuple") else { return };
+    let Some(mut h) = harness("same_five_tuple") else {
+        return;
+    };
     let input = tcp_syn(Ipv4Addr::new(10, 77, 0, 9), 51515, VIP, 80);
     let first = h.run(&input).unwrap();
     assert_eq!(first.action, XDP_TX);
@@ -134,12 +154,18 @@ fn the_same_five_tuple_always_picks_the_same_backend() {
 
 #[test]
 fn ip_options_are_skipped_using_the_ihl() {
-    let Some(mut h) = harness("ip_options") else { return };
+    let Some(mut h) = harness("ip_options") else {
+        return;
+    };
     let web = h.config.vips[0].clone();
     for sport in [1111u16, 2222, 3333, 4444] {
         let input = tcp_syn_with_ip_options(CLIENT, sport, VIP, 80);
         assert_eq!(input[14] & 0x0f, 7, "IHL 7");
-        assert_forwarded(&h.run(&input).unwrap(), &input, h.expected_backend(&web, CLIENT, sport));
+        assert_forwarded(
+            &h.run(&input).unwrap(),
+            &input,
+            h.expected_backend(&web, CLIENT, sport),
+        );
     }
 }
 
@@ -179,13 +205,19 @@ fn an_unresolved_backend_is_dropped_never_sent_to_a_zero_mac() {
     assert!(tx > 0 && dropped > 0);
     assert_stats(
         &h,
-        &[(Stat::ActionTx, tx), (Stat::ActionDrop, dropped), (Stat::DropNoNeighbour, dropped)],
+        &[
+            (Stat::ActionTx, tx),
+            (Stat::ActionDrop, dropped),
+            (Stat::DropNoNeighbour, dropped),
+        ],
     );
 }
 
 #[test]
 fn traffic_that_is_not_for_a_vip_passes_untouched() {
-    let Some(mut h) = harness("not_for_a_vip") else { return };
+    let Some(mut h) = harness("not_for_a_vip") else {
+        return;
+    };
     let other_host = Ipv4Addr::new(10, 77, 0, 3);
     let mut icmp = Vec::new();
     etherparse::PacketBuilder::ethernet2([2; 6], LB_MAC)
@@ -197,9 +229,21 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
     fragment[14 + 6] = 0x20; // more fragments
     fix_ipv4_checksum(&mut fragment);
     let cases: [(&str, Vec<u8>, Stat); 7] = [
-        ("another address", tcp_syn(CLIENT, 40000, other_host, 80), Stat::PassNotVip),
-        ("VIP, another port", tcp_syn(CLIENT, 40000, VIP, 8080), Stat::PassNotVip),
-        ("VIP port, other protocol", udp(CLIENT, 40000, VIP, 80, b"x"), Stat::PassNotVip),
+        (
+            "another address",
+            tcp_syn(CLIENT, 40000, other_host, 80),
+            Stat::PassNotVip,
+        ),
+        (
+            "VIP, another port",
+            tcp_syn(CLIENT, 40000, VIP, 8080),
+            Stat::PassNotVip,
+        ),
+        (
+            "VIP port, other protocol",
+            udp(CLIENT, 40000, VIP, 80, b"x"),
+            Stat::PassNotVip,
+        ),
         ("ARP", arp_request(CLIENT, VIP), Stat::PassNotIpv4),
         ("IPv6", tcp6_syn(40000, 80), Stat::PassNotIpv4),
         ("ICMP", icmp, Stat::PassNotTcpUdp),
@@ -221,7 +265,10 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
         ],
     );
     let c = h.counters().unwrap();
-    assert!(c.vips.iter().all(|t| t.packets == 0), "no VIP counted passed traffic");
+    assert!(
+        c.vips.iter().all(|t| t.packets == 0),
+        "no VIP counted passed traffic"
+    );
 }
 
 /// Every prefix of a TCP SYN and of a UDP datagram. Frames shorter than an
@@ -230,23 +277,40 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
 /// longer cut is dropped and counted under the header it ends in.
 #[test]
 fn truncated_headers_at_every_cut_point_are_dropped_and_counted() {
-    let Some(mut h) = harness("truncated_headers") else { return };
+    let Some(mut h) = harness("truncated_headers") else {
+        return;
+    };
     let tcp = tcp_syn(CLIENT, 40000, VIP, 80);
     let udp = udp(CLIENT, 40000, VIP, 53, b"");
     assert_eq!((tcp.len(), udp.len()), (54, 42));
     let mut expected: BTreeMap<Stat, u64> = BTreeMap::new();
     for packet in [&tcp, &udp] {
         for cut in 0..14 {
-            assert!(h.run(&packet[..cut]).is_err(), "the kernel refuses a {cut}-byte frame");
+            assert!(
+                h.run(&packet[..cut]).is_err(),
+                "the kernel refuses a {cut}-byte frame"
+            );
         }
         for cut in 14..packet.len() {
             let out = h.run(&packet[..cut]).unwrap();
             assert_eq!(out.action, XDP_DROP, "cut at {cut} of {}", packet.len());
-            assert_eq!(out.packet, &packet[..cut], "a dropped frame is not modified");
-            let reason = if cut < 34 { Stat::DropTruncatedIp } else { Stat::DropTruncatedL4 };
+            assert_eq!(
+                out.packet,
+                &packet[..cut],
+                "a dropped frame is not modified"
+            );
+            let reason = if cut < 34 {
+                Stat::DropTruncatedIp
+            } else {
+                Stat::DropTruncatedL4
+            };
             *expected.entry(reason).or_default() += 1;
         }
-        assert_eq!(h.run(packet).unwrap().action, XDP_TX, "the whole packet is forwarded");
+        assert_eq!(
+            h.run(packet).unwrap().action,
+            XDP_TX,
+            "the whole packet is forwarded"
+        );
     }
     expected.insert(Stat::ActionDrop, (54 - 14) + (42 - 14));
     expected.insert(Stat::ActionTx, 2);
@@ -256,7 +320,9 @@ fn truncated_headers_at_every_cut_point_are_dropped_and_counted() {
 
 #[test]
 fn a_malformed_ipv4_header_is_dropped_and_counted() {
-    let Some(mut h) = harness("malformed_ipv4") else { return };
+    let Some(mut h) = harness("malformed_ipv4") else {
+        return;
+    };
     let good = tcp_syn(CLIENT, 40000, VIP, 80);
     let mut short_ihl = good.clone();
     short_ihl[14] = 0x44; // IHL 4 < 5
@@ -271,10 +337,12 @@ fn a_malformed_ipv4_header_is_dropped_and_counted() {
 fn fix_ipv4_checksum(p: &mut [u8]) {
     p[24] = 0;
     p[25] = 0;
-    let mut sum: u32 = p[14..34].chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+    let mut sum: u32 = p[14..34]
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     p[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
-

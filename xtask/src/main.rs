@@ -58,15 +58,29 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn setup() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]));
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]));
     if !installed.is_some_and(|c| c.lines().any(|l| l.starts_with("rust-src"))) {
         eprintln!("setup: installing {NIGHTLY} with rust-src");
         run(Command::new("rustup").args([
-            "toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
     }
 
@@ -74,7 +88,12 @@ fn setup() -> anyhow::Result<()> {
     if !linker.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION}");
         run(Command::new("cargo").arg(format!("+{NIGHTLY}")).args([
-            "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
         ]))?;
     }
 
@@ -88,7 +107,10 @@ fn setup() -> anyhow::Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("missing Debian packages {missing:?}; install them as root: apt-get install {}", missing.join(" "));
+            bail!(
+                "missing Debian packages {missing:?}; install them as root: apt-get install {}",
+                missing.join(" ")
+            );
         }
         eprintln!("setup: installing {}", missing.join(" "));
         run(Command::new("apt-get").args(["update", "-q"]))?;

@@ -72,7 +72,9 @@ fn sum_traffic(
 
 impl Dataplane for AyaDataplane {
     fn set_global(&mut self, config: GlobalConfig) -> Result<(), DataplaneError> {
-        self.config.set(0, config, 0).map_err(map_err(map_names::CONFIG))
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))
     }
 
     fn set_backend(&mut self, id: u32, entry: BackendEntry) -> Result<(), DataplaneError> {

@@ -17,7 +17,11 @@ pub enum DataplaneError {
     #[error("map {map} is missing from the eBPF object")]
     MissingMap { map: &'static str },
     #[error("table of {len} slots at {base} does not fit the Maglev map ({capacity} slots)")]
-    TableOutOfRange { base: u32, len: usize, capacity: u32 },
+    TableOutOfRange {
+        base: u32,
+        len: usize,
+        capacity: u32,
+    },
 }
 
 /// Every counter the program keeps, summed over CPUs.

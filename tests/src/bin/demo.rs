@@ -49,7 +49,11 @@ fn main() -> ExitCode {
 
 fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
     let config = Config::parse(DEMO_CONFIG, Path::new("config/demo.yaml"))?;
-    let web = config.vips.iter().find(|v| v.port == TCP_PORT).context("demo config: no TCP VIP")?;
+    let web = config
+        .vips
+        .iter()
+        .find(|v| v.port == TCP_PORT)
+        .context("demo config: no TCP VIP")?;
     if web.address != VIP {
         bail!("config/demo.yaml must use the topology's VIP {VIP}");
     }
@@ -61,22 +65,41 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         .collect();
     for (i, b) in web.backends.iter().enumerate() {
         if b.address != lb_tests::topology::backend_address(i) {
-            bail!("config/demo.yaml backend {} must be {}", i, lb_tests::topology::backend_address(i));
+            bail!(
+                "config/demo.yaml backend {} must be {}",
+                i,
+                lb_tests::topology::backend_address(i)
+            );
         }
     }
 
     let names: Vec<&str> = weights.iter().map(|w| w.0.as_str()).collect();
-    println!("Building the topology: client {CLIENT}, load balancer {LB}, backends {names:?}, VIP {VIP}");
+    println!(
+        "Building the topology: client {CLIENT}, load balancer {LB}, backends {names:?}, VIP {VIP}"
+    );
     let topo = L2Topology::new(&names)?;
     let lb = topo.start_lb(DEMO_CONFIG)?;
-    println!("lb attached (native XDP on eth0 in namespace {}).", topo.lb.name());
+    println!(
+        "lb attached (native XDP on eth0 in namespace {}).",
+        topo.lb.name()
+    );
 
-    println!("Sending {FLOWS} TCP connections to {VIP}:{TCP_PORT} and {FLOWS} UDP exchanges with {VIP}:{UDP_PORT}...");
+    println!(
+        "Sending {FLOWS} TCP connections to {VIP}:{TCP_PORT} and {FLOWS} UDP exchanges with {VIP}:{UDP_PORT}..."
+    );
     let mut tcp = Tally::default();
     let mut udp = Tally::default();
     while tcp.attempts() < FLOWS && !interrupted.load(Ordering::SeqCst) {
-        merge(&mut tcp, topo.client.enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), BATCH))?);
-        merge(&mut udp, topo.client.enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), BATCH))?);
+        merge(
+            &mut tcp,
+            topo.client
+                .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), BATCH))?,
+        );
+        merge(
+            &mut udp,
+            topo.client
+                .enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), BATCH))?,
+        );
     }
     if interrupted.load(Ordering::SeqCst) {
         println!("Interrupted; cleaning up.");
@@ -87,11 +110,21 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
     println!();
     println!(
         "{:<8} {:<12} {:>6} {:>9} {:>10} {:>9} {:>12} {:>9}",
-        "backend", "address", "weight", "expected", "tcp conns", "tcp share", "udp answers", "udp share"
+        "backend",
+        "address",
+        "weight",
+        "expected",
+        "tcp conns",
+        "tcp share",
+        "udp answers",
+        "udp share"
     );
     let answered = |t: &Tally| t.by_backend.values().sum::<usize>().max(1) as f64;
     for (i, (name, w)) in weights.iter().enumerate() {
-        let (t, u) = (tcp.by_backend.get(name).copied().unwrap_or(0), udp.by_backend.get(name).copied().unwrap_or(0));
+        let (t, u) = (
+            tcp.by_backend.get(name).copied().unwrap_or(0),
+            udp.by_backend.get(name).copied().unwrap_or(0),
+        );
         println!(
             "{:<8} {:<12} {:>6} {:>8.1}% {:>10} {:>8.1}% {:>12} {:>8.1}%",
             name,
@@ -104,16 +137,35 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
             100.0 * u as f64 / answered(&udp),
         );
     }
-    println!("failed: tcp {} of {}, udp {} of {}", tcp.failures, tcp.attempts(), udp.failures, udp.attempts());
-    println!("Every answer came straight from a backend (direct server return): the load balancer's namespace does not forward IP.");
+    println!(
+        "failed: tcp {} of {}, udp {} of {}",
+        tcp.failures,
+        tcp.attempts(),
+        udp.failures,
+        udp.attempts()
+    );
+    println!(
+        "Every answer came straight from a backend (direct server return): the load balancer's namespace does not forward IP."
+    );
 
     let (status, log) = lb.stop()?;
     println!("lb stopped on SIGTERM ({status}) and detached.");
     // lb logs its counters (per VIP, per backend, per verdict) at debug level,
     // last of all as it shuts down.
     println!("\nThe XDP program's own counters, as lb logged them on shutdown:");
-    for line in log.lines().filter(|l| l.contains("counters")).rev().take(3).collect::<Vec<_>>().into_iter().rev() {
-        println!("  {}", line.split_once("run: ").map_or(line, |(_, rest)| rest));
+    for line in log
+        .lines()
+        .filter(|l| l.contains("counters"))
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!(
+            "  {}",
+            line.split_once("run: ").map_or(line, |(_, rest)| rest)
+        );
     }
     Ok(())
 }
