@@ -17,6 +17,19 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const FLOWS: &str = "FLOWS";
+
+    /// Every map, in the order userspace pins them.
+    pub const ALL: [&str; 8] = [
+        VIPS,
+        BACKENDS,
+        MAGLEV,
+        CONFIG,
+        STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        FLOWS,
+    ];
 }
 
 /// Name of the XDP entry point in the object file.
@@ -31,6 +44,8 @@ pub const TABLE_HALVES: u32 = 2;
 /// Placeholder size of the `MAGLEV` array in the object file. Userspace resizes
 /// it at load time to `MAX_VIPS * TABLE_HALVES * table_size`.
 pub const MAGLEV_DEFAULT_ENTRIES: u32 = 1;
+/// Placeholder size of the `FLOWS` LRU map; userspace sizes it at load time.
+pub const FLOWS_DEFAULT_ENTRIES: u32 = 1024;
 /// A Maglev slot holding this value has no backend (only in a table built from
 /// an empty backend list); the program drops with [`Stat::DropNoBackend`].
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -89,11 +104,51 @@ pub struct BackendEntry {
     pub ifindex: u32,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// The VIP this backend belongs to (each (VIP, address) pair has its own
+    /// id); lets a restarted control plane rebuild its bookkeeping.
+    pub vip_id: u32,
+    /// Bumped by userspace whenever the id is given to a new (VIP, address)
+    /// pair. A flow remembers the generation it was placed with, so a flow of
+    /// a removed backend never follows its id to whoever reuses it.
+    pub generation: u32,
 }
 
 /// The backend's MAC is known; without it the program drops with
 /// [`Stat::DropNoNeighbour`] rather than sending a frame to a zero MAC.
 pub const BACKEND_F_RESOLVED: u32 = 1;
+/// Established flows may stay on this backend: it is enabled (active or
+/// draining) and healthy, or every backend is down and the VIP fails open.
+/// Without it the flow table's entry is ignored and the flow re-placed.
+pub const BACKEND_F_KEEP_FLOWS: u32 = 2;
+
+/// Key of the `FLOWS` LRU hash: the 5-tuple as it sits in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Same layout as [`VipKey::addr`].
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Ports, network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the `FLOWS` LRU hash: where an established flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    pub backend_id: u32,
+    /// The backend's [`BackendEntry::generation`] when the flow was placed.
+    pub generation: u32,
+    /// `bpf_ktime_get_ns()` of the last packet (UDP only; refreshed at most
+    /// once per [`UDP_LAST_SEEN_GRANULARITY_NS`] to spare the cache line).
+    pub last_seen_ns: u64,
+}
+
+pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]
@@ -102,6 +157,8 @@ pub struct GlobalConfig {
     /// Seed of the flow hash; identical on every instance behind one ECMP VIP.
     pub hash_seed: u32,
     pub _pad: u32,
+    /// A UDP flow idle for longer than this is placed afresh.
+    pub udp_idle_timeout_ns: u64,
 }
 
 /// Packet and byte counts; the value of `VIP_STATS` and `BACKEND_STATS`
@@ -147,6 +204,17 @@ stats! {
     PassFragment = "pass_fragment",
     /// TCP/UDP whose (address, port, protocol) is not a VIP: passed untouched.
     PassNotVip = "pass_not_vip",
+    /// VIP packet of a flow in the flow table, kept on its backend.
+    FlowHit = "flow_hit",
+    /// VIP packet that may start a flow (TCP SYN, or UDP) with no live entry:
+    /// placed by Maglev and remembered.
+    FlowMissSyn = "flow_miss_syn",
+    /// TCP packet other than a SYN with no entry (the entry was evicted, or the
+    /// flow started at another instance): placed by Maglev and remembered.
+    FlowMissNonSyn = "flow_miss_non_syn",
+    /// Flow whose backend may no longer keep it (down, disabled, removed):
+    /// re-placed by Maglev.
+    FlowReplaced = "flow_replaced",
     /// Frame shorter than an Ethernet header.
     DropTruncatedEth = "drop_truncated_eth",
     /// EtherType IPv4 but the frame ends inside the IPv4 header.
@@ -174,11 +242,15 @@ mod pod {
     unsafe impl aya::Pod for super::BackendEntry {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
 }
 
 // Sizes are the sum of the fields: no implicit padding anywhere.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<BackendEntry>() == 44);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 16);

@@ -1,19 +1,21 @@
-//! The load balancer's XDP program: parse, look up the VIP, pick a backend from
-//! the VIP's Maglev table by flow hash, rewrite the Ethernet header and send the
-//! frame on (direct server return: the IP packet is not touched, the backend
-//! holds the VIP and answers the client itself). Every packet ends in exactly
-//! one action counter and, unless forwarded, one reason counter.
+//! The load balancer's XDP program: parse, look up the VIP, keep established
+//! flows on their backend through the flow table, place new flows with the
+//! VIP's Maglev table, rewrite the Ethernet header and send the frame on
+//! (direct server return: the IP packet is not touched, the backend holds the
+//! VIP and answers the client itself). Every packet ends in exactly one action
+//! counter and, unless forwarded, one reason counter.
 #![no_std]
 #![no_main]
 
+mod flows;
 mod forward;
 mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{FAMILY_V4, FORWARD_L2, NO_BACKEND, Stat, Traffic, VipKey, hash::flow_hash_v4};
+use lb_common::{FAMILY_V4, FORWARD_L2, Stat, Traffic, VipKey};
 
-use crate::maps::{BACKEND_STATS, BACKENDS, CONFIG, MAGLEV, STATS, VIP_STATS, VIPS};
+use crate::maps::{BACKEND_STATS, BACKENDS, STATS, VIP_STATS, VIPS};
 
 /// What happens to a packet, with the reason when it is not forwarded.
 pub enum Verdict {
@@ -70,21 +72,7 @@ fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     add_traffic(&VIP_STATS, vip.id, bytes);
 
-    let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
-    let hash = flow_hash_v4(
-        u32::from_be_bytes(flow.src),
-        u32::from_be_bytes(flow.dst),
-        flow.sport,
-        flow.dport,
-        flow.proto,
-        seed,
-    );
-    let table_size = vip.table_size.max(1);
-    let slot = vip.table_base + hash % table_size;
-    let backend_id = *MAGLEV.get(slot).ok_or(Verdict::Drop(Stat::DropInternal))?;
-    if backend_id == NO_BACKEND {
-        return Err(Verdict::Drop(Stat::DropNoBackend));
-    }
+    let backend_id = flows::backend_for(&flow, &vip)?;
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(Verdict::Drop(Stat::DropInternal))?;
@@ -98,7 +86,7 @@ fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 }
 
 #[inline(always)]
-fn count(stat: Stat) {
+pub fn count(stat: Stat) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *counter += 1 };

@@ -1,13 +1,14 @@
 //! Every map the program uses. Userspace (lb-userspace's `dataplane::aya`) is
-//! the only writer of the configuration maps; the program only writes counters.
+//! the only writer of the configuration maps; the program only writes counters
+//! and the flow table.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, GlobalConfig, MAGLEV_DEFAULT_ENTRIES, MAX_BACKENDS, MAX_VIPS, STAT_COUNT,
-    Traffic, VipEntry, VipKey,
+    BackendEntry, FLOWS_DEFAULT_ENTRIES, FlowEntry, FlowKey, GlobalConfig, MAGLEV_DEFAULT_ENTRIES,
+    MAX_BACKENDS, MAX_VIPS, STAT_COUNT, Traffic, VipEntry, VipKey,
 };
 
 /// (address, port, protocol) -> VIP id, active table half, forwarding mode.
@@ -23,6 +24,13 @@ pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS,
 /// Resized by userspace at load time to fit the configured table size.
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, 0);
+
+/// 5-tuple -> backend of each established flow, shared by all CPUs (a flow
+/// may arrive on any queue). LRU: the least recently used flows make room.
+/// Resized by userspace at load time. The program is its only writer.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, 0);
 
 /// Settings shared by every VIP (one element).
 #[map]

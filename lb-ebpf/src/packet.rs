@@ -34,6 +34,9 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// A TCP SYN (without ACK) or any UDP datagram: a packet that may start a
+    /// flow, as opposed to one in the middle of a TCP connection.
+    pub opens: bool,
 }
 
 /// Parses Ethernet, IPv4 and the TCP or UDP header. Anything the load balancer
@@ -66,16 +69,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Flow, Verdict> {
 
     // IHL counts 32-bit words and honours IP options.
     let l4 = EthHdr::LEN + ihl * 4;
-    let (sport, dport) = if ip.proto == IPPROTO_TCP {
+    let (sport, dport, opens) = if ip.proto == IPPROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::Drop(Stat::DropTruncatedL4))?;
         // SAFETY: as above.
         let tcp = unsafe { &*tcp };
-        (u16::from_be_bytes(tcp.source), u16::from_be_bytes(tcp.dest))
+        let syn_only = tcp.syn() != 0 && tcp.ack() == 0;
+        (
+            u16::from_be_bytes(tcp.source),
+            u16::from_be_bytes(tcp.dest),
+            syn_only,
+        )
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::Drop(Stat::DropTruncatedL4))?;
         // SAFETY: as above.
         let udp = unsafe { &*udp };
-        (u16::from_be_bytes(udp.src), u16::from_be_bytes(udp.dst))
+        (
+            u16::from_be_bytes(udp.src),
+            u16::from_be_bytes(udp.dst),
+            true,
+        )
     };
 
     Ok(Flow {
@@ -84,5 +96,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Flow, Verdict> {
         sport,
         dport,
         proto: ip.proto,
+        opens,
     })
 }

@@ -7,6 +7,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -19,6 +20,11 @@ pub const TABLE_SIZE_MAX: u32 = 655_373;
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 pub const DEFAULT_MAX_VIPS: u32 = 16;
 pub const WEIGHT_MAX: i64 = 65_535;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
+pub const FLOW_TABLE_SIZE_MIN: i64 = 1024;
+pub const FLOW_TABLE_SIZE_MAX: i64 = 16_777_216;
+/// Where pinned maps and the XDP link live, unless `pin_path` says otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/lb";
 
 // ---- What the file says -----------------------------------------------------
 
@@ -32,7 +38,80 @@ struct RawConfig {
     maglev: RawMaglev,
     #[serde(default = "default_max_vips")]
     max_vips: i64,
+    #[serde(default)]
+    flow_table: RawFlowTable,
+    pin_path: Option<PathBuf>,
     vips: Vec<RawVip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowTable {
+    #[serde(default = "default_flow_table_size")]
+    max_flows: i64,
+    #[serde(default = "default_udp_idle_timeout")]
+    udp_idle_timeout: String,
+}
+
+fn default_flow_table_size() -> i64 {
+    DEFAULT_FLOW_TABLE_SIZE as i64
+}
+
+fn default_udp_idle_timeout() -> String {
+    "30s".into()
+}
+
+impl Default for RawFlowTable {
+    fn default() -> Self {
+        Self {
+            max_flows: default_flow_table_size(),
+            udp_idle_timeout: default_udp_idle_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    #[serde(default)]
+    kind: HealthKind,
+    port: Option<i64>,
+    path: Option<String>,
+    #[serde(default = "default_interval")]
+    interval: String,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+    #[serde(default = "default_rise")]
+    rise: i64,
+    #[serde(default = "default_fall")]
+    fall: i64,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::default(),
+            port: None,
+            path: None,
+            interval: default_interval(),
+            timeout: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+fn default_interval() -> String {
+    "2s".into()
+}
+fn default_timeout() -> String {
+    "1s".into()
+}
+fn default_rise() -> i64 {
+    2
+}
+fn default_fall() -> i64 {
+    3
 }
 
 fn default_max_vips() -> i64 {
@@ -69,6 +148,10 @@ struct RawVip {
     port: i64,
     protocol: Protocol,
     forwarding: Forwarding,
+    #[serde(default)]
+    health_check: RawHealthCheck,
+    #[serde(default)]
+    on_all_down: OnAllDown,
     backends: Vec<RawBackend>,
 }
 
@@ -77,6 +160,8 @@ struct RawVip {
 struct RawBackend {
     address: String,
     weight: i64,
+    #[serde(default)]
+    state: BackendState,
 }
 
 // ---- What the program uses ----------------------------------------------------
@@ -123,15 +208,87 @@ pub enum Forwarding {
     L2,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    #[default]
+    Tcp,
+    /// `GET path` answers with a 2xx status.
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAllDown {
+    /// When no active backend is healthy, keep using every active backend.
+    #[default]
+    FailOpen,
+    /// When no active backend is healthy, drop the VIP's traffic (counted).
+    Drop,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new flows when healthy.
+    #[default]
+    Active,
+    /// No new flows; established flows stay while it is healthy.
+    Drain,
+    /// Out of the table; established flows are re-placed.
+    Disabled,
+}
+
+/// What must not change while `lb` runs: the sizes of the maps and where they
+/// and the attachment are pinned. A reload that changes any of it is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fixed {
+    pub interface: String,
+    pub xdp_mode: XdpMode,
+    pub table_size: u32,
+    /// Capacity reserved for VIPs (sizes the Maglev table map at load time).
+    pub max_vips: u32,
+    pub max_flows: u32,
+    pub pin_path: PathBuf,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub interface: String,
     pub xdp_mode: XdpMode,
     pub table_size: u32,
     pub seed: u32,
-    /// Capacity reserved for VIPs (sizes the Maglev table map at load time).
     pub max_vips: u32,
+    pub max_flows: u32,
+    pub udp_idle_timeout: Duration,
+    pub pin_path: PathBuf,
     pub vips: Vec<Vip>,
+}
+
+impl Config {
+    pub fn fixed(&self) -> Fixed {
+        Fixed {
+            interface: self.interface.clone(),
+            xdp_mode: self.xdp_mode,
+            table_size: self.table_size,
+            max_vips: self.max_vips,
+            max_flows: self.max_flows,
+            pin_path: self.pin_path.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub port: u16,
+    /// Request path (http only).
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +298,8 @@ pub struct Vip {
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
+    pub health_check: HealthCheck,
+    pub on_all_down: OnAllDown,
     pub backends: Vec<Backend>,
 }
 
@@ -148,6 +307,7 @@ pub struct Vip {
 pub struct Backend {
     pub address: Ipv4Addr,
     pub weight: u32,
+    pub state: BackendState,
 }
 
 // ---- Errors -------------------------------------------------------------------
@@ -267,6 +427,35 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     }
 
+    let max_flows = raw.flow_table.max_flows;
+    if !(FLOW_TABLE_SIZE_MIN..=FLOW_TABLE_SIZE_MAX).contains(&max_flows) {
+        p.add(
+            "flow_table.max_flows",
+            format!("{max_flows} is out of range {FLOW_TABLE_SIZE_MIN}..={FLOW_TABLE_SIZE_MAX}"),
+        );
+    }
+    let udp_idle_timeout = parse_duration(
+        &mut p,
+        "flow_table.udp_idle_timeout",
+        &raw.flow_table.udp_idle_timeout,
+    )
+    .filter(|d| {
+        let ok = *d >= Duration::from_secs(1);
+        if !ok {
+            p.add("flow_table.udp_idle_timeout", "must be at least 1s");
+        }
+        ok
+    });
+    let pin_path = raw
+        .pin_path
+        .unwrap_or_else(|| Path::new(DEFAULT_PIN_ROOT).join(&raw.interface));
+    if !pin_path.is_absolute() {
+        p.add(
+            "pin_path",
+            format!("{} is not an absolute path", pin_path.display()),
+        );
+    }
+
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
     let mut backend_count = 0usize;
@@ -301,6 +490,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             );
         }
 
+        let health_check =
+            validate_health(&mut p, &format!("{at}.health_check"), v.health_check, port);
         if v.backends.is_empty() {
             p.add(format!("{at}.backends"), "must list at least one backend");
         }
@@ -324,17 +515,20 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 backends.push(Backend {
                     address,
                     weight: b.weight.clamp(1, WEIGHT_MAX) as u32,
+                    state: b.state,
                 });
             }
         }
         backend_count += backends.len();
-        if let (Some(address), Some(port)) = (address, port) {
+        if let (Some(address), Some(port), Some(health_check)) = (address, port, health_check) {
             vips.push(Vip {
                 name: v.name,
                 address,
                 port,
                 protocol: v.protocol,
                 forwarding: v.forwarding,
+                health_check,
+                on_all_down: v.on_all_down,
                 backends,
             });
         }
@@ -349,17 +543,109 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     }
 
-    if !p.0.is_empty() {
+    let Some(udp_idle_timeout) = udp_idle_timeout.filter(|_| p.0.is_empty()) else {
         return Err(p.0);
-    }
+    };
     Ok(Config {
         interface: raw.interface,
         xdp_mode: raw.xdp_mode,
         table_size: table_size as u32,
         seed: seed as u32,
         max_vips: max_vips as u32,
+        max_flows: max_flows as u32,
+        udp_idle_timeout,
+        pin_path,
         vips,
     })
+}
+
+fn validate_health(
+    p: &mut Problems,
+    at: &str,
+    raw: RawHealthCheck,
+    vip_port: Option<u16>,
+) -> Option<HealthCheck> {
+    let port = match raw.port {
+        None => vip_port,
+        Some(n) => match u16::try_from(n) {
+            Ok(port) if port != 0 => Some(port),
+            _ => {
+                p.add(
+                    format!("{at}.port"),
+                    format!("{n} is not a port (1..=65535)"),
+                );
+                None
+            }
+        },
+    };
+    let path = match (raw.kind, raw.path) {
+        (HealthKind::Http, None) => "/".to_string(),
+        (HealthKind::Http, Some(path))
+            if path.starts_with('/') && !path.contains(char::is_whitespace) =>
+        {
+            path
+        }
+        (HealthKind::Http, Some(path)) => {
+            p.add(
+                format!("{at}.path"),
+                format!("`{path}` must start with / and contain no spaces"),
+            );
+            String::new()
+        }
+        (HealthKind::Tcp, None) => String::new(),
+        (HealthKind::Tcp, Some(_)) => {
+            p.add(format!("{at}.path"), "only applies to kind: http");
+            String::new()
+        }
+    };
+    let interval = parse_duration(p, &format!("{at}.interval"), &raw.interval);
+    let timeout = parse_duration(p, &format!("{at}.timeout"), &raw.timeout);
+    if let Some(i) = interval
+        && i < Duration::from_millis(10)
+    {
+        p.add(format!("{at}.interval"), "must be at least 10ms");
+    }
+    if let (Some(i), Some(t)) = (interval, timeout)
+        && (t.is_zero() || t >= i)
+    {
+        p.add(
+            format!("{at}.timeout"),
+            format!(
+                "must be above 0 and below the interval ({})",
+                humantime::format_duration(i)
+            ),
+        );
+    }
+    for (name, value) in [("rise", raw.rise), ("fall", raw.fall)] {
+        if !(1..=100).contains(&value) {
+            p.add(
+                format!("{at}.{name}"),
+                format!("{value} is out of range 1..=100"),
+            );
+        }
+    }
+    Some(HealthCheck {
+        kind: raw.kind,
+        port: port?,
+        path,
+        interval: interval?,
+        timeout: timeout?,
+        rise: raw.rise.clamp(1, 100) as u32,
+        fall: raw.fall.clamp(1, 100) as u32,
+    })
+}
+
+fn parse_duration(p: &mut Problems, field: &str, text: &str) -> Option<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            p.add(
+                field,
+                format!("`{text}` is not a duration like 2s or 500ms: {e}"),
+            );
+            None
+        }
+    }
 }
 
 fn parse_v4(p: &mut Problems, field: &str, text: &str) -> Option<Ipv4Addr> {
@@ -444,7 +730,8 @@ vips:
             c.vips[0].backends[1],
             Backend {
                 address: Ipv4Addr::new(198, 51, 100, 12),
-                weight: 100
+                weight: 100,
+                state: BackendState::Active,
             }
         );
     }
@@ -597,6 +884,151 @@ vips:
         let e = parse(&text).expect_err("two problems");
         assert_eq!(e.problems().len(), 2, "{e}");
         assert!(e.to_string().starts_with("test.yaml: "), "{e}");
+    }
+
+    #[test]
+    fn defaults_for_health_flows_and_pinning() {
+        let c = parse(GOOD).expect("valid");
+        let h = &c.vips[0].health_check;
+        assert_eq!((h.kind, h.port, h.path.as_str()), (HealthKind::Tcp, 80, ""));
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_secs(2), Duration::from_secs(1), 2, 3)
+        );
+        assert_eq!(
+            c.vips[1].health_check.port, 53,
+            "defaults to the VIP's port"
+        );
+        assert_eq!(c.vips[0].on_all_down, OnAllDown::FailOpen);
+        assert_eq!(c.vips[0].backends[0].state, BackendState::Active);
+        assert_eq!(
+            (c.max_flows, c.udp_idle_timeout),
+            (DEFAULT_FLOW_TABLE_SIZE, Duration::from_secs(30))
+        );
+        assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/lb/eth0"));
+    }
+
+    #[test]
+    fn accepts_a_full_health_check_and_backend_states() {
+        let text = GOOD
+            .replace(
+                "    forwarding: l2\n    backends:\n      - { address: 198.51.100.11, weight: 100 }",
+                "    forwarding: l2\n    health_check: { kind: http, port: 8080, path: /healthz, interval: 500ms, timeout: 200ms, rise: 1, fall: 4 }\n    on_all_down: drop\n    backends:\n      - { address: 198.51.100.11, weight: 100, state: drain }",
+            )
+            .replace("xdp_mode: native", "xdp_mode: native\npin_path: /sys/fs/bpf/x\nflow_table: { max_flows: 2048, udp_idle_timeout: 5s }");
+        let c = parse(&text).expect("valid");
+        let h = &c.vips[0].health_check;
+        assert_eq!(
+            (h.kind, h.port, h.path.as_str()),
+            (HealthKind::Http, 8080, "/healthz")
+        );
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_millis(500), Duration::from_millis(200), 1, 4)
+        );
+        assert_eq!(c.vips[0].on_all_down, OnAllDown::Drop);
+        assert_eq!(c.vips[0].backends[0].state, BackendState::Drain);
+        assert_eq!(
+            (c.max_flows, c.udp_idle_timeout, c.pin_path.as_path()),
+            (2048, Duration::from_secs(5), Path::new("/sys/fs/bpf/x"))
+        );
+    }
+
+    /// Parses GOOD with a health_check for the first VIP and returns the error.
+    fn health_error(check: &str) -> String {
+        error_with(
+            "    forwarding: l2\n    backends:\n      - { address: 198.51.100.11",
+            &format!(
+                "    forwarding: l2\n    health_check: {check}\n    backends:\n      - {{ address: 198.51.100.11"
+            ),
+        )
+    }
+
+    #[test]
+    fn rejects_nonsense_health_checks() {
+        for (check, field, words) in [
+            (
+                "{ timeout: 2s, interval: 2s }",
+                "health_check.timeout",
+                "below the interval",
+            ),
+            ("{ timeout: 0s }", "health_check.timeout", "above 0"),
+            (
+                "{ interval: soon }",
+                "health_check.interval",
+                "not a duration",
+            ),
+            (
+                "{ interval: 1ms, timeout: 500us }",
+                "health_check.interval",
+                "at least 10ms",
+            ),
+            ("{ rise: 0 }", "health_check.rise", "out of range"),
+            ("{ fall: -1 }", "health_check.fall", "out of range"),
+            ("{ port: 70000 }", "health_check.port", "not a port"),
+            (
+                "{ kind: tcp, path: /x }",
+                "health_check.path",
+                "only applies to kind: http",
+            ),
+            (
+                "{ kind: http, path: healthz }",
+                "health_check.path",
+                "must start with /",
+            ),
+            (
+                "{ kind: icmp }",
+                "health_check.kind",
+                "unknown variant `icmp`",
+            ),
+        ] {
+            let e = health_error(check);
+            assert!(
+                e.contains(&format!("vips[0].{field}")) && e.contains(words),
+                "{check}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_states_policies_and_bad_flow_settings() {
+        let e = error_with("weight: 1 }", "weight: 1, state: sleeping }");
+        assert!(
+            e.contains("state") && e.contains("unknown variant `sleeping`"),
+            "{e}"
+        );
+        let e = error_with(
+            "    forwarding: l2\n    backends:\n      - { address: 198.51.100.11",
+            "    forwarding: l2\n    on_all_down: panic\n    backends:\n      - { address: 198.51.100.11",
+        );
+        assert!(
+            e.contains("on_all_down") && e.contains("unknown variant `panic`"),
+            "{e}"
+        );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\nflow_table: { max_flows: 10 }",
+        );
+        assert!(
+            e.contains("flow_table.max_flows") && e.contains("out of range"),
+            "{e}"
+        );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\nflow_table: { udp_idle_timeout: 100ms }",
+        );
+        assert!(
+            e.contains("flow_table.udp_idle_timeout") && e.contains("at least 1s"),
+            "{e}"
+        );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\npin_path: relative/dir",
+        );
+        assert!(
+            e.contains("pin_path") && e.contains("not an absolute path"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod neighbour;

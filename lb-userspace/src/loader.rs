@@ -1,10 +1,32 @@
-//! Loads the embedded eBPF object with maps sized for a config.
+//! Loads the embedded eBPF object, pins its maps and its XDP attachment under
+//! the configured bpffs directory, and adopts them when they already exist, so
+//! a restarted `lb` takes over without detaching or clearing anything.
+//!
+//! Layout of the pin directory:
+//! ```text
+//! <pin_path>/link          the XDP attachment (a bpf_link)
+//! <pin_path>/maps/<NAME>   every map of lb_common::map_names::ALL
+//! ```
+
+use std::{
+    io,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{ProgramError, Xdp},
+    maps::MapInfo,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
 };
-use lb_common::{PROGRAM_NAME, TABLE_HALVES, map_names};
+use lb_common::{
+    BackendEntry, FlowEntry, FlowKey, GlobalConfig, PROGRAM_NAME, TABLE_HALVES, Traffic, VipEntry,
+    VipKey, map_names,
+};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -12,6 +34,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// benchmark.
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+
+/// `statfs` magic of the BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -21,17 +46,122 @@ pub enum LoadError {
     Program(#[from] ProgramError),
     #[error("program {PROGRAM_NAME} is missing from the eBPF object")]
     MissingProgram,
+    #[error(
+        "pinned map {path} has {what} {found}, this config/build needs {wanted}; \
+         remove the old state with `lb stop` first"
+    )]
+    PinMismatch {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        wanted: u32,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error(
+        "{path} is not on a BPF filesystem; mount one there (mount -t bpf bpf DIR) or choose another pin_path"
+    )]
+    NotBpffs { path: PathBuf },
 }
 
-/// Creates the maps (the Maglev array sized for `max_vips` VIPs of
-/// `table_size` slots, two halves each) and loads the program through the
-/// verifier. Nothing is attached yet.
-pub fn load(table_size: u32, max_vips: u32) -> Result<Ebpf, LoadError> {
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(map_names::MAGLEV, max_vips * TABLE_HALVES * table_size)
-        .load(EBPF_OBJECT)?;
+/// Map sizes fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_flows: u32,
+}
+
+impl Sizes {
+    fn maglev_entries(&self) -> u32 {
+        self.max_vips * TABLE_HALVES * self.table_size
+    }
+
+    /// (key size, value size, max entries if sized at load) of each map.
+    fn expected(&self, map: &str) -> (usize, usize, Option<u32>) {
+        match map {
+            map_names::VIPS => (size_of::<VipKey>(), size_of::<VipEntry>(), None),
+            map_names::BACKENDS => (4, size_of::<BackendEntry>(), None),
+            map_names::MAGLEV => (4, 4, Some(self.maglev_entries())),
+            map_names::CONFIG => (4, size_of::<GlobalConfig>(), None),
+            map_names::STATS => (4, 8, None),
+            map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None),
+            map_names::FLOWS => (
+                size_of::<FlowKey>(),
+                size_of::<FlowEntry>(),
+                Some(self.max_flows),
+            ),
+            _ => (0, 0, None),
+        }
+    }
+}
+
+fn map_pin(dir: &Path, map: &str) -> PathBuf {
+    dir.join("maps").join(map)
+}
+
+fn link_pin(dir: &Path) -> PathBuf {
+    dir.join("link")
+}
+
+/// True when `dir` holds the attachment of a previous `lb run`.
+pub fn is_pinned(dir: &Path) -> bool {
+    link_pin(dir).exists()
+}
+
+/// Creates (or, with `pin_dir`, opens or creates and pins) the maps, sized for
+/// `sizes`, and loads the program through the verifier. Nothing is attached.
+/// Pinned maps that do not fit `sizes` or this build's layouts are refused.
+pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(map_names::MAGLEV, sizes.maglev_entries())
+        .map_max_entries(map_names::FLOWS, sizes.max_flows);
+    if let Some(dir) = pin_dir {
+        ensure_bpffs(dir)?;
+        let maps = dir.join("maps");
+        std::fs::create_dir_all(&maps).map_err(|source| LoadError::Io { path: maps, source })?;
+        for map in map_names::ALL {
+            let path = map_pin(dir, map);
+            if path.exists() {
+                check_pinned(&path, sizes.expected(map))?;
+            }
+            loader.map_pin_path(map, path);
+        }
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
     program(&mut ebpf)?.load()?;
     Ok(ebpf)
+}
+
+fn check_pinned(
+    path: &Path,
+    (key, value, entries): (usize, usize, Option<u32>),
+) -> Result<(), LoadError> {
+    let info = MapInfo::from_pin(path).map_err(|e| LoadError::Io {
+        path: path.to_owned(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let mismatch = |what, found, wanted| LoadError::PinMismatch {
+        path: path.to_owned(),
+        what,
+        found,
+        wanted,
+    };
+    if info.key_size() != key as u32 {
+        return Err(mismatch("key size", info.key_size(), key as u32));
+    }
+    if info.value_size() != value as u32 {
+        return Err(mismatch("value size", info.value_size(), value as u32));
+    }
+    if let Some(n) = entries
+        && info.max_entries() != n
+    {
+        return Err(mismatch("max entries", info.max_entries(), n));
+    }
+    Ok(())
 }
 
 /// The load balancer's XDP program inside `ebpf`.
@@ -40,4 +170,120 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
         .program_mut(PROGRAM_NAME)
         .ok_or(LoadError::MissingProgram)?;
     Ok(prog.try_into()?)
+}
+
+/// Whether [`attach`] created the attachment or took over a pinned one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    Fresh,
+    /// The pinned link now runs this process's program; it was replaced
+    /// atomically, so no packet went unprocessed.
+    Replaced,
+}
+
+/// Attaches the loaded program to `ifindex` and pins the link, or, when a
+/// link is pinned already, swaps this program into it.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    ifindex: u32,
+    mode: XdpMode,
+    pin_dir: &Path,
+) -> Result<Attached, LoadError> {
+    let path = link_pin(pin_dir);
+    let prog = program(ebpf)?;
+    let link_err = |source| LoadError::Link {
+        path: path.clone(),
+        source,
+    };
+    if path.exists() {
+        let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+        let id = prog.attach_to_link(link)?;
+        // The pin keeps the link alive; this process needs no handle on it.
+        drop(prog.take_link(id)?);
+        return Ok(Attached::Replaced);
+    }
+    let id = prog.attach_to_if_index(ifindex, mode)?;
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(link_err)?;
+    link.pin(&path).map_err(|e| LoadError::Io {
+        path: path.clone(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(Attached::Fresh)
+}
+
+/// Detaches and forgets everything pinned under `pin_dir`: unpinning the link
+/// detaches the program (no process holds it), then the maps go. Returns
+/// whether anything was there.
+pub fn remove_pins(pin_dir: &Path) -> Result<bool, LoadError> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    let link = link_pin(pin_dir);
+    if link.exists() {
+        std::fs::remove_file(&link).map_err(|source| LoadError::Io { path: link, source })?;
+    }
+    std::fs::remove_dir_all(pin_dir).map_err(|source| LoadError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    Ok(true)
+}
+
+/// Makes sure `dir` can hold pins: its nearest existing ancestor must be on a
+/// bpffs. The conventional /sys/fs/bpf is mounted when it is not yet.
+fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if is_bpffs(existing) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && existing == root || existing.starts_with(root) && !is_bpffs(root) {
+        mount_bpffs(root)?;
+        if is_bpffs(root) {
+            return Ok(());
+        }
+    }
+    Err(LoadError::NotBpffs {
+        path: dir.to_owned(),
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; `c` outlives the call.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(at: &Path) -> Result<(), LoadError> {
+    let target =
+        std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| LoadError::Io {
+            path: at.to_owned(),
+            source: io::Error::other(e),
+        })?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LoadError::Io {
+            path: at.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }

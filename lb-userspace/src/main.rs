@@ -24,8 +24,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to the configured interface and balance until SIGINT/SIGTERM.
+    /// Attach to the configured interface (or take over a pinned attachment)
+    /// and manage it until SIGINT/SIGTERM. Forwarding continues after exit.
     Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// On SIGINT/SIGTERM, detach and remove the pinned maps too.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Detach the program and remove the pinned maps of a config's instance.
+    Stop {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -52,7 +61,34 @@ fn main() -> ExitCode {
             }
             Err(e) => bad_config(&e),
         },
-        Command::Run { config } => {
+        Command::Stop { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            match lb_userspace::loader::remove_pins(&c.pin_path) {
+                Ok(true) => {
+                    println!(
+                        "detached from {} and removed {}",
+                        c.interface,
+                        c.pin_path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("nothing pinned at {}", c.pin_path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lb: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run {
+            config,
+            detach_on_exit,
+        } => {
             let c = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return bad_config(&e),
@@ -80,7 +116,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(lb_userspace::run::run(c, ifindex)) {
+            let options = lb_userspace::run::Options {
+                config_path: config,
+                detach_on_exit,
+            };
+            match runtime.block_on(lb_userspace::run::run(c, ifindex, options)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("lb: {e:#}");
@@ -109,10 +149,33 @@ fn print_plan(file: &std::path::Path, c: &Config) {
         "interface {} ({:?} XDP), Maglev table {} slots, seed {:#x}",
         c.interface, c.xdp_mode, c.table_size, c.seed
     );
+    println!(
+        "flow table {} flows, UDP idle timeout {}, pinned under {}",
+        c.max_flows,
+        humantime::format_duration(c.udp_idle_timeout),
+        c.pin_path.display()
+    );
     for (vip, table) in reconcile::plan(c) {
+        let h = &vip.health_check;
         println!(
-            "\nVIP {} {}:{}/{} forwarding {:?}",
-            vip.name, vip.address, vip.port, vip.protocol, vip.forwarding
+            "\nVIP {} {}:{}/{} forwarding {:?}, health {:?} port {}{} every {} (timeout {}, rise {}, fall {}), all down: {:?}",
+            vip.name,
+            vip.address,
+            vip.port,
+            vip.protocol,
+            vip.forwarding,
+            h.kind,
+            h.port,
+            if h.path.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", h.path)
+            },
+            humantime::format_duration(h.interval),
+            humantime::format_duration(h.timeout),
+            h.rise,
+            h.fall,
+            vip.on_all_down,
         );
         println!(
             "  {:<16} {:>6} {:>8} {:>8} {:>9}",

@@ -1,23 +1,33 @@
-//! Turns (config, neighbour table) into map contents and applies only the
-//! difference. The [`Reconciler`] is the single writer of the maps: every
-//! change the control plane makes goes through [`Reconciler::apply`].
+//! Turns (config, backend health, neighbour table) into map contents and
+//! applies only the difference. The [`Reconciler`] is the single writer of the
+//! maps: every change the control plane makes goes through
+//! [`Reconciler::apply`].
 //!
 //! Table swaps are whole: a VIP's new table is written to the half its entry
 //! does not point at, and only then is the VIP entry rewritten (one atomic map
 //! update) to name that half.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use lb_common::{
-    BACKEND_F_RESOLVED, BackendEntry, FAMILY_V4, FORWARD_L2, GlobalConfig, TABLE_HALVES, Traffic,
-    VipEntry, VipKey,
+    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FAMILY_V4, FORWARD_L2, GlobalConfig,
+    TABLE_HALVES, Traffic, VipEntry, VipKey,
 };
 
 use crate::{
-    config::{Config, Forwarding, Vip},
+    config::{BackendState, Config, Forwarding, OnAllDown, Vip},
     dataplane::{Counters, Dataplane, DataplaneError},
     maglev::{self, Weighted},
 };
+
+/// Control-plane bookkeeping kept in the backend entry so a restarted `lb`
+/// adopts the health it had; the program does not read it.
+pub const BACKEND_F_HEALTHY: u32 = 4;
+/// `vip_id` of a backend entry whose id is free.
+const NO_VIP: u32 = u32::MAX;
 
 /// How a backend is reached, as learned from the kernel's neighbour table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +41,9 @@ pub struct Neighbour {
 
 pub type Neighbours = BTreeMap<Ipv4Addr, Neighbour>;
 
+/// Health of each (VIP, backend); a backend not listed counts as up.
+pub type Health = BTreeMap<(VipKey, Ipv4Addr), bool>;
+
 pub fn vip_key(vip: &Vip) -> VipKey {
     VipKey {
         addr: [u32::from_ne_bytes(vip.address.octets()), 0, 0, 0],
@@ -40,48 +53,61 @@ pub fn vip_key(vip: &Vip) -> VipKey {
     }
 }
 
-fn backend_entry(address: Ipv4Addr, neighbour: Option<&Neighbour>) -> BackendEntry {
-    let mut entry = BackendEntry {
-        addr: [u32::from_ne_bytes(address.octets()), 0, 0, 0],
-        dst_mac: [0; 6],
-        src_mac: [0; 6],
-        ifindex: 0,
-        flags: 0,
-    };
-    if let Some(n) = neighbour {
-        entry.dst_mac = n.mac;
-        entry.src_mac = n.src_mac;
-        entry.ifindex = n.ifindex;
-        entry.flags = BACKEND_F_RESOLVED;
-    }
-    entry
+fn addr_of(words: &[u32; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(words[0].to_ne_bytes())
 }
 
-/// The Maglev table each VIP of `config` gets (for `check-config` and logs).
-pub fn plan(config: &Config) -> Vec<(&Vip, maglev::Table)> {
-    config
-        .vips
-        .iter()
-        .map(|v| {
-            (
-                v,
-                maglev::build(&weighted(v), config.table_size, config.seed),
-            )
-        })
-        .collect()
+/// What one VIP should look like given backend health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipPlan {
+    /// Backends that take new flows (the Maglev table's input), sorted.
+    pub members: Vec<Weighted>,
+    /// Backends whose established flows stay.
+    pub keep_flows: BTreeSet<Ipv4Addr>,
+    /// No active backend is healthy.
+    pub all_down: bool,
 }
 
-fn weighted(vip: &Vip) -> Vec<Weighted> {
-    let mut w: Vec<Weighted> = vip
+/// Applies the backend states, health and the VIP's all-down policy.
+pub fn plan_vip(vip: &Vip, up: impl Fn(Ipv4Addr) -> bool) -> VipPlan {
+    let active = |b: &&crate::config::Backend| b.state == BackendState::Active;
+    let all_down = !vip.backends.iter().filter(active).any(|b| up(b.address));
+    let fail_open = all_down && vip.on_all_down == OnAllDown::FailOpen;
+    let mut members: Vec<Weighted> = vip
         .backends
         .iter()
+        .filter(active)
+        .filter(|b| if all_down { fail_open } else { up(b.address) })
         .map(|b| Weighted {
             address: b.address,
             weight: b.weight,
         })
         .collect();
-    w.sort_by_key(|b| b.address);
-    w
+    members.sort_by_key(|b| b.address);
+    let keep_flows = vip
+        .backends
+        .iter()
+        .filter(|b| b.state != BackendState::Disabled && (up(b.address) || fail_open))
+        .map(|b| b.address)
+        .collect();
+    VipPlan {
+        members,
+        keep_flows,
+        all_down,
+    }
+}
+
+/// The Maglev table each VIP of `config` gets with every backend healthy
+/// (for `check-config`).
+pub fn plan(config: &Config) -> Vec<(&Vip, maglev::Table)> {
+    config
+        .vips
+        .iter()
+        .map(|v| {
+            let members = plan_vip(v, |_| true).members;
+            (v, maglev::build(&members, config.table_size, config.seed))
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -90,8 +116,9 @@ struct AppliedVip {
     name: String,
     /// Half the VIP entry points at.
     half: u32,
-    /// The sorted weighted backend list the active table was built from.
-    input: Vec<Weighted>,
+    /// The members the active table was built from; `None` when unknown
+    /// (adopted from a previous run), which forces one rebuild.
+    members: Option<Vec<Weighted>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +141,14 @@ pub struct VipTraffic {
     pub backends: Vec<(Ipv4Addr, Traffic)>,
 }
 
+/// What a table swap did, for logs and latency measurements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swap {
+    pub vip: String,
+    pub members: usize,
+    pub all_down: bool,
+}
+
 pub struct Reconciler<D> {
     dp: D,
     table_size: u32,
@@ -122,10 +157,13 @@ pub struct Reconciler<D> {
     vips: BTreeMap<VipKey, AppliedVip>,
     backend_ids: BTreeMap<(VipKey, Ipv4Addr), u32>,
     backends: BTreeMap<u32, BackendEntry>,
+    /// Generation to give the next id allocation.
+    next_generation: u32,
 }
 
 impl<D: Dataplane> Reconciler<D> {
-    /// `table_size` and `max_vips` are fixed by the loaded maps.
+    /// `table_size` and `max_vips` are fixed by the loaded maps, which are
+    /// assumed empty.
     pub fn new(dp: D, table_size: u32, max_vips: u32) -> Self {
         Self {
             dp,
@@ -135,19 +173,60 @@ impl<D: Dataplane> Reconciler<D> {
             vips: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             backends: BTreeMap::new(),
+            next_generation: 1,
         }
+    }
+
+    /// Takes over maps a previous `lb` filled: learns VIP ids, active halves,
+    /// backend ids, generations and health from them, writing nothing. The
+    /// first [`apply`](Self::apply) then rebuilds each VIP's table once (into
+    /// its inactive half); with an unchanged config the table is identical, so
+    /// no flow moves. Returns the adopted health.
+    pub fn adopt(dp: D, table_size: u32, max_vips: u32) -> Result<(Self, Health), ReconcileError> {
+        let mut r = Self::new(dp, table_size, max_vips);
+        let (vips, backends) = r.dp.snapshot()?;
+        let by_id: BTreeMap<u32, VipKey> = vips.iter().map(|(k, e)| (e.id, *k)).collect();
+        for (key, entry) in vips {
+            let half = (entry.table_base / table_size.max(1)) % TABLE_HALVES;
+            r.vips.insert(
+                key,
+                AppliedVip {
+                    entry,
+                    name: String::new(),
+                    half,
+                    members: None,
+                },
+            );
+        }
+        let mut health = Health::new();
+        // Generation 0 marks an id that was never used.
+        for (id, entry) in backends.into_iter().filter(|(_, e)| e.generation != 0) {
+            r.next_generation = r
+                .next_generation
+                .max(entry.generation.wrapping_add(1).max(1));
+            let Some(&vip) = by_id.get(&entry.vip_id) else {
+                continue;
+            };
+            let addr = addr_of(&entry.addr);
+            r.backend_ids.insert((vip, addr), id);
+            r.backends.insert(id, entry);
+            health.insert((vip, addr), entry.flags & BACKEND_F_HEALTHY != 0);
+        }
+        Ok((r, health))
     }
 
     pub fn dataplane(&self) -> &D {
         &self.dp
     }
 
-    /// Makes the maps express `config` with the MACs in `neighbours`.
+    /// Makes the maps express `config` with `health` and the MACs in
+    /// `neighbours`. Returns the VIPs whose table was swapped.
     pub fn apply(
         &mut self,
         config: &Config,
+        health: &Health,
         neighbours: &Neighbours,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<Vec<Swap>, ReconcileError> {
         if config.table_size != self.table_size {
             return Err(ReconcileError::TableSizeChanged {
                 loaded: self.table_size,
@@ -157,6 +236,7 @@ impl<D: Dataplane> Reconciler<D> {
         let global = GlobalConfig {
             hash_seed: config.seed,
             _pad: 0,
+            udp_idle_timeout_ns: config.udp_idle_timeout.as_nanos() as u64,
         };
         if self.global != Some(global) {
             self.dp.set_global(global)?;
@@ -164,7 +244,7 @@ impl<D: Dataplane> Reconciler<D> {
         }
 
         // VIPs that are gone stop matching before their ids are reused.
-        let wanted: std::collections::BTreeSet<VipKey> = config.vips.iter().map(vip_key).collect();
+        let wanted: BTreeSet<VipKey> = config.vips.iter().map(vip_key).collect();
         let gone: Vec<VipKey> = self
             .vips
             .keys()
@@ -174,39 +254,95 @@ impl<D: Dataplane> Reconciler<D> {
         for key in gone {
             self.dp.remove_vip(key)?;
             self.vips.remove(&key);
-            self.backend_ids.retain(|(vip, _), _| *vip != key);
         }
 
+        let mut swaps = Vec::new();
         for vip in &config.vips {
-            self.apply_vip(vip_key(vip), vip, neighbours)?;
+            let key = vip_key(vip);
+            let plan = plan_vip(vip, |a| health.get(&(key, a)).copied().unwrap_or(true));
+            if let Some(swap) = self.apply_vip(key, vip, &plan, health, neighbours)? {
+                swaps.push(swap);
+            }
         }
-        let live: std::collections::BTreeSet<u32> = self.backend_ids.values().copied().collect();
-        self.backends.retain(|id, _| live.contains(id));
-        Ok(())
+
+        // Backends no longer configured (or of removed VIPs): their flows
+        // must be re-placed, and their ids become free.
+        let live: BTreeSet<(VipKey, Ipv4Addr)> = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
+            .collect();
+        let stale: Vec<((VipKey, Ipv4Addr), u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(k, _)| !live.contains(k))
+            .map(|(k, &id)| (*k, id))
+            .collect();
+        for (k, id) in stale {
+            if let Some(mut entry) = self.backends.remove(&id) {
+                entry.flags = 0;
+                entry.vip_id = NO_VIP;
+                self.dp.set_backend(id, entry)?;
+            }
+            self.backend_ids.remove(&k);
+        }
+        Ok(swaps)
+    }
+
+    fn backend_id(&mut self, key: VipKey, addr: Ipv4Addr) -> Result<(u32, u32), ReconcileError> {
+        if let Some(&id) = self.backend_ids.get(&(key, addr)) {
+            let generation = self.backends.get(&id).map_or(0, |e| e.generation);
+            return Ok((id, generation));
+        }
+        let id = lowest_free(
+            self.backend_ids.values().copied(),
+            lb_common::MAX_BACKENDS,
+            "backend",
+        )?;
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        self.backend_ids.insert((key, addr), id);
+        Ok((id, generation))
     }
 
     fn apply_vip(
         &mut self,
         key: VipKey,
         vip: &Vip,
+        plan: &VipPlan,
+        health: &Health,
         neighbours: &Neighbours,
-    ) -> Result<(), ReconcileError> {
+    ) -> Result<Option<Swap>, ReconcileError> {
+        let vip_id = match self.vips.get(&key) {
+            Some(a) => a.entry.id,
+            None => lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?,
+        };
+
         // Backend entries first: a table may only name ids whose entry exists.
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
-            let id = match self.backend_ids.get(&(key, b.address)) {
-                Some(&id) => id,
-                None => {
-                    let id = lowest_free(
-                        self.backend_ids.values().copied(),
-                        lb_common::MAX_BACKENDS,
-                        "backend",
-                    )?;
-                    self.backend_ids.insert((key, b.address), id);
-                    id
-                }
+            let (id, generation) = self.backend_id(key, b.address)?;
+            let mut entry = BackendEntry {
+                addr: [u32::from_ne_bytes(b.address.octets()), 0, 0, 0],
+                dst_mac: [0; 6],
+                src_mac: [0; 6],
+                ifindex: 0,
+                flags: 0,
+                vip_id,
+                generation,
             };
-            let entry = backend_entry(b.address, neighbours.get(&b.address));
+            if let Some(n) = neighbours.get(&b.address) {
+                entry.dst_mac = n.mac;
+                entry.src_mac = n.src_mac;
+                entry.ifindex = n.ifindex;
+                entry.flags |= BACKEND_F_RESOLVED;
+            }
+            if plan.keep_flows.contains(&b.address) {
+                entry.flags |= BACKEND_F_KEEP_FLOWS;
+            }
+            if health.get(&(key, b.address)).copied().unwrap_or(true) {
+                entry.flags |= BACKEND_F_HEALTHY;
+            }
             if self.backends.get(&id) != Some(&entry) {
                 self.dp.set_backend(id, entry)?;
                 self.backends.insert(id, entry);
@@ -214,27 +350,20 @@ impl<D: Dataplane> Reconciler<D> {
             ids.insert(b.address, id);
         }
 
-        let input = weighted(vip);
         let forwarding = match vip.forwarding {
             Forwarding::L2 => FORWARD_L2,
         };
         let applied = self.vips.get(&key);
-        let rebuild = applied.is_none_or(|a| a.input != input);
-        let (id, half) = match applied {
-            Some(a) if !rebuild => (a.entry.id, a.half),
-            Some(a) => (a.entry.id, (a.half + 1) % TABLE_HALVES),
-            None => (
-                lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?,
-                0,
-            ),
+        let rebuild = applied.is_none_or(|a| a.members.as_ref() != Some(&plan.members));
+        let half = match applied {
+            Some(a) if rebuild => (a.half + 1) % TABLE_HALVES,
+            Some(a) => a.half,
+            None => 0,
         };
-        let table_base = (id * TABLE_HALVES + half) * self.table_size;
+        let table_base = (vip_id * TABLE_HALVES + half) * self.table_size;
         if rebuild {
-            let table = maglev::build(
-                &input,
-                self.table_size,
-                self.global.map_or(0, |g| g.hash_seed),
-            );
+            let seed = self.global.map_or(0, |g| g.hash_seed);
+            let table = maglev::build(&plan.members, self.table_size, seed);
             let slots: Vec<u32> = table
                 .slots
                 .iter()
@@ -246,7 +375,7 @@ impl<D: Dataplane> Reconciler<D> {
             self.dp.write_table(table_base, &slots)?;
         }
         let entry = VipEntry {
-            id,
+            id: vip_id,
             table_base,
             table_size: self.table_size,
             forwarding,
@@ -254,20 +383,20 @@ impl<D: Dataplane> Reconciler<D> {
         if applied.is_none_or(|a| a.entry != entry) {
             self.dp.set_vip(key, entry)?;
         }
-        // Backends the VIP no longer has: their ids are free once the new
-        // table (which no longer names them) is active.
-        self.backend_ids
-            .retain(|(k, addr), _| *k != key || ids.contains_key(addr));
         self.vips.insert(
             key,
             AppliedVip {
                 entry,
                 name: vip.name.clone(),
                 half,
-                input,
+                members: Some(plan.members.clone()),
             },
         );
-        Ok(())
+        Ok(rebuild.then(|| Swap {
+            vip: vip.name.clone(),
+            members: plan.members.len(),
+            all_down: plan.all_down,
+        }))
     }
 
     /// Labels raw counters with VIP names and backend addresses.
@@ -306,7 +435,7 @@ fn lowest_free(
     capacity: u32,
     what: &'static str,
 ) -> Result<u32, ReconcileError> {
-    let used: std::collections::BTreeSet<u32> = used.collect();
+    let used: BTreeSet<u32> = used.collect();
     (0..capacity)
         .find(|i| !used.contains(i))
         .ok_or(ReconcileError::Exhausted { what, capacity })
@@ -321,21 +450,35 @@ mod tests {
 
     const M: u32 = 251;
 
-    fn config(extra_backend: bool, weight: u32) -> Config {
-        let mut text = format!(
+    fn config_with(web_backends: &str, on_all_down: &str) -> Config {
+        let text = format!(
             "interface: eth0\nmaglev: {{ table_size: {M}, seed: 7 }}\nvips:\n\
-             - name: web\n  address: 10.0.0.100\n  port: 80\n  protocol: tcp\n  forwarding: l2\n  backends:\n\
-             \x20   - {{ address: 10.0.0.11, weight: {weight} }}\n\
-             \x20   - {{ address: 10.0.0.12, weight: 1 }}\n"
-        );
-        if extra_backend {
-            text.push_str("    - { address: 10.0.0.13, weight: 1 }\n");
-        }
-        text.push_str(
-            "- name: dns\n  address: 10.0.0.100\n  port: 53\n  protocol: udp\n  forwarding: l2\n  backends:\n\
-             \x20   - { address: 10.0.0.11, weight: 1 }\n",
+             - name: web\n  address: 10.0.0.100\n  port: 80\n  protocol: tcp\n  forwarding: l2\n  \
+             on_all_down: {on_all_down}\n  backends:\n{web_backends}\
+             - name: dns\n  address: 10.0.0.100\n  port: 53\n  protocol: udp\n  forwarding: l2\n  backends:\n\
+             \x20   - {{ address: 10.0.0.11, weight: 1 }}\n"
         );
         Config::parse(&text, Path::new("t.yaml")).expect("valid")
+    }
+
+    fn backends(list: &[(u8, u32, &str)]) -> String {
+        list.iter()
+            .map(|(i, w, state)| {
+                format!("    - {{ address: 10.0.0.{i}, weight: {w}, state: {state} }}\n")
+            })
+            .collect()
+    }
+
+    fn config(extra_backend: bool, weight: u32) -> Config {
+        let mut list = vec![(11, weight, "active"), (12, 1, "active")];
+        if extra_backend {
+            list.push((13, 1, "active"));
+        }
+        config_with(&backends(&list), "fail_open")
+    }
+
+    fn ip(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, i)
     }
 
     fn neighbours() -> Neighbours {
@@ -343,7 +486,7 @@ mod tests {
             .into_iter()
             .map(|i| {
                 (
-                    Ipv4Addr::new(10, 0, 0, i),
+                    ip(i),
                     Neighbour {
                         ifindex: 2,
                         mac: [2, 0, 0, 0, 0, i],
@@ -354,30 +497,42 @@ mod tests {
             .collect()
     }
 
+    fn all_up() -> Health {
+        Health::new()
+    }
+
+    fn down(c: &Config, addrs: &[u8]) -> Health {
+        let key = vip_key(&c.vips[0]);
+        addrs.iter().map(|&i| ((key, ip(i)), false)).collect()
+    }
+
     fn reconciler() -> Reconciler<FakeDataplane> {
         Reconciler::new(FakeDataplane::default(), M, 4)
     }
 
     /// The backend address each slot of the VIP's active table leads to.
-    fn active_addresses(r: &Reconciler<FakeDataplane>, vip: &Vip) -> Vec<Ipv4Addr> {
+    fn active_addresses(r: &Reconciler<FakeDataplane>, vip: &Vip) -> Vec<Option<Ipv4Addr>> {
         let dp = r.dataplane();
         dp.active_table(&vip_key(vip))
             .expect("table written")
             .iter()
-            .map(|id| {
-                let a = dp.backends[id].addr[0];
-                Ipv4Addr::from(a.to_ne_bytes())
-            })
+            .map(|id| dp.backends.get(id).map(|e| addr_of(&e.addr)))
             .collect()
+    }
+
+    fn entry_of(r: &Reconciler<FakeDataplane>, c: &Config, i: u8) -> BackendEntry {
+        let id = r.backend_ids[&(vip_key(&c.vips[0]), ip(i))];
+        r.dataplane().backends[&id]
     }
 
     #[test]
     fn first_apply_writes_everything_table_before_vip() {
         let mut r = reconciler();
         let c = config(false, 1);
-        r.apply(&c, &neighbours()).unwrap();
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
         let dp = r.dataplane();
         assert_eq!(dp.global.hash_seed, 7);
+        assert_eq!(dp.global.udp_idle_timeout_ns, 30_000_000_000);
         assert_eq!(dp.vips.len(), 2);
         assert_eq!(dp.backends.len(), 3, "one entry per (VIP, backend) pair");
         // The program must never see a VIP whose table is not written yet.
@@ -390,30 +545,36 @@ mod tests {
         assert!(table_at < vip_at, "{:?}", dp.log);
         // The table in the map is the one the pure builder gives.
         let (vip, table) = &plan(&c)[0];
-        let expected: Vec<Ipv4Addr> = table
+        let expected: Vec<_> = table
             .slots
             .iter()
-            .map(|&s| table.backends[s as usize].address)
+            .map(|&s| Some(table.backends[s as usize].address))
             .collect();
         assert_eq!(active_addresses(&r, vip), expected);
-        // Resolved MACs reach the backend entries.
-        let e = dp
-            .backends
-            .values()
-            .find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12]))
-            .unwrap();
+        // MACs, flags, VIP id and a generation reach the backend entries.
+        let e = entry_of(&r, &c, 12);
         assert_eq!(
-            (e.dst_mac, e.src_mac, e.ifindex, e.flags),
-            ([2, 0, 0, 0, 0, 12], [2; 6], 2, BACKEND_F_RESOLVED)
+            (e.dst_mac, e.src_mac, e.ifindex),
+            ([2, 0, 0, 0, 0, 12], [2; 6], 2)
         );
+        assert_eq!(
+            e.flags,
+            BACKEND_F_RESOLVED | BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY
+        );
+        assert_eq!(e.vip_id, 0);
+        assert_ne!(e.generation, 0);
     }
 
     #[test]
     fn reapplying_the_same_state_writes_nothing() {
         let mut r = reconciler();
-        r.apply(&config(false, 1), &neighbours()).unwrap();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
         let before = r.dataplane().log.len();
-        r.apply(&config(false, 1), &neighbours()).unwrap();
+        let swaps = r
+            .apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
+        assert!(swaps.is_empty());
         assert_eq!(
             r.dataplane().log.len(),
             before,
@@ -425,11 +586,20 @@ mod tests {
     #[test]
     fn a_changed_backend_set_goes_to_the_other_half_and_only_that_vip_is_rebuilt() {
         let mut r = reconciler();
-        r.apply(&config(false, 1), &neighbours()).unwrap();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
         let base_before = r.dataplane().vips[&vip_key(&config(false, 1).vips[0])].table_base;
         let mark = r.dataplane().log.len();
         let c = config(true, 1);
-        r.apply(&c, &neighbours()).unwrap();
+        let swaps = r.apply(&c, &all_up(), &neighbours()).unwrap();
+        assert_eq!(
+            swaps,
+            [Swap {
+                vip: "web".into(),
+                members: 3,
+                all_down: false
+            }]
+        );
         let new = r.dataplane().log[mark..].to_vec();
         let entry = r.dataplane().vips[&vip_key(&c.vips[0])];
         assert_eq!(entry.table_base, base_before + M, "other half of VIP 0");
@@ -441,9 +611,9 @@ mod tests {
                 "set_vip 0".into()
             ]
         );
-        assert!(active_addresses(&r, &c.vips[0]).contains(&Ipv4Addr::new(10, 0, 0, 13)));
+        assert!(active_addresses(&r, &c.vips[0]).contains(&Some(ip(13))));
         // A weight change flips back to the first half.
-        r.apply(&config(true, 3), &neighbours()).unwrap();
+        r.apply(&config(true, 3), &all_up(), &neighbours()).unwrap();
         assert_eq!(
             r.dataplane().vips[&vip_key(&c.vips[0])].table_base,
             base_before
@@ -453,11 +623,12 @@ mod tests {
     #[test]
     fn a_mac_change_rewrites_only_the_backend_entry() {
         let mut r = reconciler();
-        r.apply(&config(false, 1), &neighbours()).unwrap();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
         let mark = r.dataplane().log.len();
         let mut n = neighbours();
-        n.get_mut(&Ipv4Addr::new(10, 0, 0, 12)).unwrap().mac = [2, 9, 9, 9, 9, 9];
-        r.apply(&config(false, 1), &n).unwrap();
+        n.get_mut(&ip(12)).unwrap().mac = [2, 9, 9, 9, 9, 9];
+        r.apply(&config(false, 1), &all_up(), &n).unwrap();
         assert_eq!(r.dataplane().log[mark..], ["set_backend 1".to_string()]);
     }
 
@@ -465,28 +636,155 @@ mod tests {
     fn unresolved_backends_stay_in_the_table_but_are_flagged() {
         let mut r = reconciler();
         let mut n = neighbours();
-        n.remove(&Ipv4Addr::new(10, 0, 0, 12));
-        r.apply(&config(false, 1), &n).unwrap();
-        let e = r
-            .dataplane()
-            .backends
-            .values()
-            .find(|e| e.addr[0] == u32::from_ne_bytes([10, 0, 0, 12]))
+        n.remove(&ip(12));
+        let c = config(false, 1);
+        r.apply(&c, &all_up(), &n).unwrap();
+        let e = entry_of(&r, &c, 12);
+        assert_eq!((e.flags & BACKEND_F_RESOLVED, e.dst_mac), (0, [0; 6]));
+    }
+
+    #[test]
+    fn a_down_backend_leaves_the_table_and_loses_its_flows() {
+        let mut r = reconciler();
+        let c = config(true, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let swaps = r.apply(&c, &down(&c, &[12]), &neighbours()).unwrap();
+        assert_eq!(
+            swaps,
+            [Swap {
+                vip: "web".into(),
+                members: 2,
+                all_down: false
+            }]
+        );
+        assert!(!active_addresses(&r, &c.vips[0]).contains(&Some(ip(12))));
+        assert_eq!(
+            entry_of(&r, &c, 12).flags & (BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY),
+            0
+        );
+        // Coming back restores the very same table.
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let (_, table) = &plan(&c)[0];
+        let expected: Vec<_> = table
+            .slots
+            .iter()
+            .map(|&s| Some(table.backends[s as usize].address))
+            .collect();
+        assert_eq!(active_addresses(&r, &c.vips[0]), expected);
+    }
+
+    #[test]
+    fn drain_keeps_flows_but_takes_no_new_ones_and_disabled_keeps_neither() {
+        let mut r = reconciler();
+        let c = config_with(
+            &backends(&[(11, 1, "active"), (12, 1, "drain"), (13, 1, "disabled")]),
+            "fail_open",
+        );
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let table = active_addresses(&r, &c.vips[0]);
+        assert!(
+            table.iter().all(|a| *a == Some(ip(11))),
+            "only the active backend takes new flows"
+        );
+        assert_ne!(
+            entry_of(&r, &c, 12).flags & BACKEND_F_KEEP_FLOWS,
+            0,
+            "drain keeps flows"
+        );
+        assert_eq!(
+            entry_of(&r, &c, 13).flags & BACKEND_F_KEEP_FLOWS,
+            0,
+            "disabled loses flows"
+        );
+        // A draining backend that goes down loses its flows too.
+        r.apply(&c, &down(&c, &[12]), &neighbours()).unwrap();
+        assert_eq!(entry_of(&r, &c, 12).flags & BACKEND_F_KEEP_FLOWS, 0);
+    }
+
+    #[test]
+    fn all_down_fails_open_over_every_active_backend() {
+        let mut r = reconciler();
+        let c = config_with(
+            &backends(&[(11, 1, "active"), (12, 1, "active"), (13, 1, "drain")]),
+            "fail_open",
+        );
+        let swaps = r
+            .apply(&c, &down(&c, &[11, 12, 13]), &neighbours())
             .unwrap();
-        assert_eq!((e.flags, e.dst_mac), (0, [0; 6]));
+        assert_eq!(
+            swaps[0],
+            Swap {
+                vip: "web".into(),
+                members: 2,
+                all_down: true
+            }
+        );
+        let table: BTreeSet<_> = active_addresses(&r, &c.vips[0]).into_iter().collect();
+        assert_eq!(table, BTreeSet::from([Some(ip(11)), Some(ip(12))]));
+        for i in [11, 12, 13] {
+            assert_ne!(
+                entry_of(&r, &c, i).flags & BACKEND_F_KEEP_FLOWS,
+                0,
+                "{i} keeps flows"
+            );
+        }
+    }
+
+    #[test]
+    fn all_down_with_drop_empties_the_table() {
+        let mut r = reconciler();
+        let c = config_with(&backends(&[(11, 1, "active"), (12, 1, "active")]), "drop");
+        let swaps = r.apply(&c, &down(&c, &[11, 12]), &neighbours()).unwrap();
+        assert_eq!(
+            swaps[0],
+            Swap {
+                vip: "web".into(),
+                members: 0,
+                all_down: true
+            }
+        );
+        let table = r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap();
+        assert!(table.iter().all(|&id| id == lb_common::NO_BACKEND));
+        assert_eq!(entry_of(&r, &c, 11).flags & BACKEND_F_KEEP_FLOWS, 0);
+    }
+
+    #[test]
+    fn a_removed_backend_is_invalidated_and_its_id_reused_with_a_new_generation() {
+        let mut r = reconciler();
+        let c = config(true, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let old = entry_of(&r, &c, 13);
+        let id = r.backend_ids[&(vip_key(&c.vips[0]), ip(13))];
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
+        let gone = r.dataplane().backends[&id];
+        assert_eq!(
+            (gone.flags, gone.vip_id),
+            (0, NO_VIP),
+            "its flows are re-placed"
+        );
+        // Another backend takes the id; flows of the old one cannot follow it.
+        let c2 = config_with(
+            &backends(&[(11, 1, "active"), (12, 1, "active"), (14, 1, "active")]),
+            "fail_open",
+        );
+        r.apply(&c2, &all_up(), &neighbours()).unwrap();
+        let reused = r.dataplane().backends[&id];
+        assert_eq!(addr_of(&reused.addr), ip(14));
+        assert_ne!(reused.generation, old.generation);
     }
 
     #[test]
     fn a_removed_vip_is_removed_and_its_id_reused() {
         let mut r = reconciler();
         let c = config(false, 1);
-        r.apply(&c, &neighbours()).unwrap();
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
         let mut only_dns = c.clone();
         only_dns.vips.remove(0);
-        r.apply(&only_dns, &neighbours()).unwrap();
+        r.apply(&only_dns, &all_up(), &neighbours()).unwrap();
         assert!(!r.dataplane().vips.contains_key(&vip_key(&c.vips[0])));
         assert_eq!(r.dataplane().vips.len(), 1);
-        r.apply(&c, &neighbours()).unwrap();
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
         assert_eq!(
             r.dataplane().vips[&vip_key(&c.vips[0])].id,
             0,
@@ -495,9 +793,63 @@ mod tests {
     }
 
     #[test]
+    fn adoption_keeps_ids_health_and_tables() {
+        let mut r = reconciler();
+        let c = config(true, 1);
+        r.apply(&c, &down(&c, &[13]), &neighbours()).unwrap();
+        let before_vips = r.dataplane().vips.clone();
+        let before_backends = r.dataplane().backends.clone();
+        let table_before = r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap();
+        let mut dp = std::mem::take(&mut r.dp);
+        dp.log.clear();
+
+        let (mut adopted, health) = Reconciler::adopt(dp, M, 4).unwrap();
+        assert!(
+            adopted.dataplane().log.is_empty(),
+            "adoption writes nothing"
+        );
+        assert_eq!(health[&(vip_key(&c.vips[0]), ip(13))], false);
+        assert_eq!(health[&(vip_key(&c.vips[0]), ip(11))], true);
+        adopted.apply(&c, &health, &neighbours()).unwrap();
+        let dp = adopted.dataplane();
+        // Same ids and generations; one rebuild into the other half gives the
+        // identical table, so no flow moves.
+        assert_eq!(dp.backends, before_backends);
+        assert_eq!(dp.active_table(&vip_key(&c.vips[0])).unwrap(), table_before);
+        for (k, e) in &before_vips {
+            assert_eq!(dp.vips[k].id, e.id);
+        }
+        // A new backend gets a generation never used before.
+        adopted
+            .apply(
+                &config_with(
+                    &backends(&[(11, 1, "active"), (14, 1, "active")]),
+                    "fail_open",
+                ),
+                &health,
+                &neighbours(),
+            )
+            .unwrap();
+        let max_before = before_backends
+            .values()
+            .map(|e| e.generation)
+            .max()
+            .unwrap();
+        let new = adopted
+            .dataplane()
+            .backends
+            .values()
+            .find(|e| addr_of(&e.addr) == ip(14))
+            .unwrap();
+        assert!(new.generation > max_before);
+    }
+
+    #[test]
     fn a_different_table_size_is_refused() {
         let mut r = Reconciler::new(FakeDataplane::default(), 257, 4);
-        let e = r.apply(&config(false, 1), &neighbours()).unwrap_err();
+        let e = r
+            .apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap_err();
         assert!(matches!(
             e,
             ReconcileError::TableSizeChanged {
@@ -511,14 +863,16 @@ mod tests {
     #[test]
     fn traffic_is_labelled_by_vip_and_backend() {
         let mut r = reconciler();
-        r.apply(&config(false, 1), &neighbours()).unwrap();
+        let c = config(false, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
         let mut counters = r.dataplane().counters().unwrap();
-        let web = r.dataplane().vips[&vip_key(&config(false, 1).vips[0])].id as usize;
+        let web = r.dataplane().vips[&vip_key(&c.vips[0])].id as usize;
         counters.vips[web] = Traffic {
             packets: 3,
             bytes: 180,
         };
-        counters.backends[1] = Traffic {
+        let id12 = r.backend_ids[&(vip_key(&c.vips[0]), ip(12))] as usize;
+        counters.backends[id12] = Traffic {
             packets: 2,
             bytes: 120,
         };
@@ -526,7 +880,7 @@ mod tests {
         let web = t.iter().find(|v| v.name == "web").unwrap();
         assert_eq!(web.total.packets, 3);
         assert!(web.backends.contains(&(
-            Ipv4Addr::new(10, 0, 0, 12),
+            ip(12),
             Traffic {
                 packets: 2,
                 bytes: 120

@@ -89,6 +89,22 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Like [`enter`](Self::enter), but returns at once; the thread keeps
+    /// running in the namespace.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<R>>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        Ok(std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        }))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its veth ends and their peers.

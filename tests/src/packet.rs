@@ -15,7 +15,8 @@ use lb_userspace::{
     config::{Config, Vip},
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
     loader,
-    reconcile::{self, Neighbour, Neighbours, Reconciler},
+    reconcile::{self, Health, Neighbour, Neighbours, Reconciler},
+    run::sizes,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
@@ -45,9 +46,10 @@ pub fn neighbours(addrs: impl IntoIterator<Item = Ipv4Addr>, ifindex: u32) -> Ne
 }
 
 pub struct Harness {
-    ebpf: Ebpf,
+    pub ebpf: Ebpf,
     pub reconciler: Reconciler<AyaDataplane>,
     pub config: Config,
+    pub neighbours: Neighbours,
 }
 
 /// What the program did with one packet.
@@ -58,39 +60,51 @@ pub struct Outcome {
 }
 
 impl Harness {
-    /// Loads the program and applies `config` with `neighbours`.
+    /// Loads the program (maps not pinned) and applies `config` with every
+    /// backend healthy and `neighbours`.
     pub fn new(config: &str, neighbours: &Neighbours) -> anyhow::Result<Harness> {
         let config = Config::parse(config, Path::new("packet-test.yaml"))?;
-        let mut ebpf = loader::load(config.table_size, config.max_vips)?;
-        let mut reconciler = Reconciler::new(
+        let mut ebpf = loader::load(sizes(&config), None)?;
+        let reconciler = Reconciler::new(
             AyaDataplane::new(&mut ebpf)?,
             config.table_size,
             config.max_vips,
         );
-        reconciler.apply(&config, neighbours)?;
-        Ok(Harness {
+        let mut h = Harness {
             ebpf,
             reconciler,
             config,
-        })
+            neighbours: neighbours.clone(),
+        };
+        h.apply(&Health::new())?;
+        Ok(h)
+    }
+
+    /// Applies the harness's config with `health`.
+    pub fn apply(&mut self, health: &Health) -> anyhow::Result<()> {
+        self.reconciler
+            .apply(&self.config, health, &self.neighbours)?;
+        Ok(())
+    }
+
+    /// Replaces the config (parsed from `text`) and applies it, all healthy.
+    pub fn reconfigure(&mut self, text: &str) -> anyhow::Result<()> {
+        self.config = Config::parse(text, Path::new("packet-test.yaml"))?;
+        self.apply(&Health::new())
     }
 
     /// Runs one packet once.
     pub fn run(&mut self, packet: &[u8]) -> anyhow::Result<Outcome> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let prog = loader::program(&mut self.ebpf)?;
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok(Outcome {
-            action: result.return_value,
-            packet: out,
-        })
+        run_packet(&mut self.ebpf, packet)
+    }
+
+    /// The backend a packet forwarded by the program was sent to, read back
+    /// from its destination MAC.
+    pub fn backend_of(&self, out: &Outcome) -> Option<Ipv4Addr> {
+        self.neighbours
+            .iter()
+            .find(|(_, n)| out.packet.get(..6) == Some(&n.mac[..]))
+            .map(|(a, _)| *a)
     }
 
     pub fn counters(&self) -> anyhow::Result<Counters> {
@@ -101,19 +115,46 @@ impl Harness {
     /// the program: the flow hash from lb-common, the table from the Maglev
     /// builder.
     pub fn expected_backend(&self, vip: &Vip, src: Ipv4Addr, sport: u16) -> Ipv4Addr {
+        expected_backend(&self.config, vip, src, sport)
+    }
+}
+
+/// Runs one packet once through the load balancer program in `ebpf`.
+pub fn run_packet(ebpf: &mut Ebpf, packet: &[u8]) -> anyhow::Result<Outcome> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let prog = loader::program(ebpf)?;
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Outcome {
+        action: result.return_value,
+        packet: out,
+    })
+}
+
+/// The backend `config`'s table for `vip` (all backends healthy) gives a new
+/// flow from `src:sport`, computed without the program: the flow hash from
+/// lb-common, the table from the Maglev builder.
+pub fn expected_backend(config: &Config, vip: &Vip, src: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    {
         let hash = flow_hash_v4(
             src.to_bits(),
             vip.address.to_bits(),
             sport,
             vip.port,
             vip.protocol.number(),
-            self.config.seed,
+            config.seed,
         );
-        let (_, table) = reconcile::plan(&self.config)
+        let (_, table) = reconcile::plan(config)
             .into_iter()
             .find(|(v, _)| v.name == vip.name)
             .expect("VIP is in the config");
-        let slot = table.slots[(hash % self.config.table_size) as usize];
+        let slot = table.slots[(hash % config.table_size) as usize];
         table.backends[slot as usize].address
     }
 }
@@ -127,6 +168,18 @@ pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> 
         .syn()
         .write(&mut p, &[])
         .expect("build TCP");
+    p
+}
+
+/// A TCP ACK carrying data: a packet in the middle of a connection.
+pub fn tcp_ack(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 2000, 64240)
+        .ack(7000)
+        .write(&mut p, b"data")
+        .expect("build TCP ACK");
     p
 }
 

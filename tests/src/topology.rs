@@ -12,12 +12,12 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -120,12 +120,29 @@ impl L2Topology {
         LbProcess::start(&self.lb, config)
     }
 
-    /// Connections each backend's servers answered so far.
-    pub fn served(&self) -> Vec<(String, usize)> {
+    /// Per backend: (name, TCP connections accepted, UDP datagrams answered).
+    pub fn served(&self) -> Vec<(String, usize, usize)> {
         self.servers
             .iter()
-            .map(|s| (s.name.clone(), s.served.load(Ordering::Relaxed)))
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.tcp_accepted.load(Ordering::Relaxed),
+                    s.udp_answered.load(Ordering::Relaxed),
+                )
+            })
             .collect()
+    }
+
+    /// Opens or closes backend `i`'s service port (TCP 80). Closing refuses
+    /// new connections; established ones keep being served.
+    pub fn set_service(&mut self, i: usize, on: bool) -> anyhow::Result<()> {
+        self.servers[i].set_service(&self.backends[i].ns, on)
+    }
+
+    /// Opens or closes backend `i`'s health port (TCP 8080).
+    pub fn set_health(&mut self, i: usize, on: bool) -> anyhow::Result<()> {
+        self.servers[i].set_health(&self.backends[i].ns, on)
     }
 }
 
@@ -166,72 +183,165 @@ fn attach_pass(interface: &str) -> anyhow::Result<Ebpf> {
     Ok(ebpf)
 }
 
-/// A backend's TCP and UDP servers: each answers with the backend's name.
+/// TCP port of each backend's health listener (see [`L2Topology::set_health`]).
+pub const HEALTH_PORT: u16 = 8080;
+
+/// A listening socket served by a thread until dropped.
+struct Listener {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Serves `listener`, handing each accepted connection to `on_conn` on a
+    /// thread of its own.
+    fn tcp(
+        listener: TcpListener,
+        on_conn: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> std::io::Result<Listener> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let on_conn = Arc::new(on_conn);
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let on_conn = on_conn.clone();
+                        std::thread::spawn(move || on_conn(conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Ok(Listener {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A backend's servers: TCP on *:80 and UDP on VIP:5353 answer with the
+/// backend's name (TCP: a line, then it echoes whatever the client sends), and
+/// a TCP health listener on *:8080 accepts and closes.
 struct Server {
     name: String,
-    served: Arc<std::sync::atomic::AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// New TCP connections accepted on the service port.
+    tcp_accepted: Arc<AtomicUsize>,
+    /// UDP datagrams answered.
+    udp_answered: Arc<AtomicUsize>,
+    /// Tells connection threads to finish.
+    shutdown: Arc<AtomicBool>,
+    service: Option<Listener>,
+    health: Option<Listener>,
+    _udp: Listener,
 }
 
 impl Server {
     fn start(ns: &Netns, name: &str) -> anyhow::Result<Server> {
-        let (tcp, udp) = ns.enter(|| -> std::io::Result<(TcpListener, UdpSocket)> {
-            Ok((
-                TcpListener::bind(SocketAddr::from((VIP, TCP_PORT)))?,
-                UdpSocket::bind(SocketAddr::from((VIP, UDP_PORT)))?,
-            ))
-        })??;
-        tcp.set_nonblocking(true)?;
+        let udp = ns.enter(|| UdpSocket::bind(SocketAddr::from((VIP, UDP_PORT))))??;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let reply = name.as_bytes().to_vec();
-
-        let tcp_thread = {
-            let (stop, served, reply) = (stop.clone(), served.clone(), reply.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((mut conn, _)) => {
-                            let _ = conn.set_nonblocking(false);
-                            if conn.write_all(&reply).is_ok() {
-                                served.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                    }
-                }
-            })
-        };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let udp_answered = Arc::new(AtomicUsize::new(0));
         let udp_thread = {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || {
+            let (stop, answered, reply) = (
+                Arc::new(AtomicBool::new(false)),
+                udp_answered.clone(),
+                name.as_bytes().to_vec(),
+            );
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
                 let mut buf = [0u8; 1500];
-                while !stop.load(Ordering::Relaxed) {
+                while !flag.load(Ordering::Relaxed) {
                     if let Ok((_, from)) = udp.recv_from(&mut buf)
                         && udp.send_to(&reply, from).is_ok()
                     {
-                        served.fetch_add(1, Ordering::Relaxed);
+                        answered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-            })
+            });
+            Listener {
+                stop,
+                thread: Some(thread),
+            }
         };
-        Ok(Server {
+        let mut server = Server {
             name: name.to_string(),
-            served,
-            stop,
-            threads: vec![tcp_thread, udp_thread],
-        })
+            tcp_accepted: Arc::new(AtomicUsize::new(0)),
+            udp_answered,
+            shutdown,
+            service: None,
+            health: None,
+            _udp: udp_thread,
+        };
+        server.set_service(ns, true)?;
+        server.set_health(ns, true)?;
+        Ok(server)
+    }
+
+    fn set_service(&mut self, ns: &Netns, on: bool) -> anyhow::Result<()> {
+        self.service = None;
+        if on {
+            let l =
+                ns.enter(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], TCP_PORT))))??;
+            let (accepted, shutdown, line) = (
+                self.tcp_accepted.clone(),
+                self.shutdown.clone(),
+                format!("{}\n", self.name).into_bytes(),
+            );
+            self.service = Some(Listener::tcp(l, move |mut conn| {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                if conn.write_all(&line).is_err() {
+                    return;
+                }
+                // Echo until the client closes or the server shuts down.
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                let mut buf = [0u8; 512];
+                while !shutdown.load(Ordering::Relaxed) {
+                    match conn.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => return,
+                    }
+                }
+            })?);
+        }
+        Ok(())
+    }
+
+    fn set_health(&mut self, ns: &Netns, on: bool) -> anyhow::Result<()> {
+        self.health = None;
+        if on {
+            let l =
+                ns.enter(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], HEALTH_PORT))))??;
+            self.health = Some(Listener::tcp(l, drop)?);
+        }
+        Ok(())
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.shutdown.store(true, Ordering::Relaxed);
     }
 }
 
@@ -250,76 +360,162 @@ pub fn lb_binary() -> anyhow::Result<PathBuf> {
         .context("no `lb` binary beside this executable; run `cargo build -p lb-userspace` first")
 }
 
-/// A running `lb run`, stopped (SIGKILL) on drop if not stopped before.
+/// An `lb run` in the load balancer's namespace, with its own config file,
+/// log and bpffs pin directory. On drop it is killed and its pins removed
+/// (which detaches the program).
 pub struct LbProcess {
-    child: Child,
+    child: Option<Child>,
+    netns: String,
     dir: PathBuf,
+    pin: PathBuf,
 }
 
 impl LbProcess {
     fn start(ns: &Netns, config: &str) -> anyhow::Result<LbProcess> {
         let dir = std::env::temp_dir().join(ns.name());
         std::fs::create_dir_all(&dir)?;
-        let config_path = dir.join("lb.yaml");
-        std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.join("lb.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
+        let mut lb = LbProcess {
+            child: None,
+            netns: ns.name().to_string(),
+            pin: PathBuf::from("/sys/fs/bpf").join(ns.name()),
+            dir,
+        };
+        lb.write_config(config)?;
+        lb.spawn()?;
+        Ok(lb)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("lb.yaml")
+    }
+
+    pub fn pin_path(&self) -> &std::path::Path {
+        &self.pin
+    }
+
+    /// Writes `config` (plus this instance's pin_path) where `lb` reads it.
+    pub fn write_config(&self, config: &str) -> anyhow::Result<()> {
+        let text = format!("{}\npin_path: {}\n", config.trim_end(), self.pin.display());
+        // Write then rename, so lb never reads a half-written file.
+        let tmp = self.dir.join("lb.yaml.new");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// Starts `lb run` (in the namespace's network stack only, so it shares
+    /// the host's /sys/fs/bpf) and waits until it has attached.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("lb.log"))?;
+        let before = self.log().matches("attached").count();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
             .arg(lb_binary()?)
             .arg("run")
             .arg("--config")
-            .arg(&config_path)
+            .arg(self.config_path())
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting lb")?;
-        let mut lb = LbProcess { child, dir };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !lb.log().contains("attached") {
-            if let Some(status) = lb.child.try_wait()? {
-                bail!("lb exited with {status} before attaching:\n{}", lb.log());
+        while self.log().matches("attached").count() == before {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("lb exited with {status} before attaching:\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("lb did not attach within 30s:\n{}", lb.log());
+                bail!("lb did not attach within 30s:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(lb)
+        Ok(())
     }
 
-    /// Everything `lb` logged so far.
+    /// Everything every `lb` of this instance logged so far.
     pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(self.dir.join("lb.log")) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        std::fs::read_to_string(self.dir.join("lb.log")).unwrap_or_default()
     }
 
-    /// Sends SIGTERM, waits (at most 10s) for the exit, and returns the exit
-    /// status with everything lb logged.
-    pub fn stop(mut self) -> anyhow::Result<(ExitStatus, String)> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("lb is not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Asks lb to reload its config.
+    pub fn sighup(&self) -> anyhow::Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGHUP)
+    }
+
+    /// Kills lb with SIGKILL: no cleanup of any kind can run.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts lb again with the same config and pin directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends SIGTERM and waits (at most 10s) for the exit; returns the exit
+    /// status and everything logged. The pinned state stays (and with it
+    /// forwarding) unless lb was started to detach.
+    pub fn terminate(&mut self) -> anyhow::Result<(ExitStatus, String)> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let mut child = self.child.take().context("lb is not running")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = child.try_wait()? {
                 return Ok((status, self.log()));
             }
             if Instant::now() > deadline {
+                let _ = child.kill();
                 bail!("lb did not exit within 10s of SIGTERM:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Runs `lb stop` for this instance's config.
+    pub fn lb_stop(&self) -> anyhow::Result<String> {
+        let out = crate::netns::run(
+            "nsenter",
+            &[
+                &format!("--net=/var/run/netns/{}", self.netns),
+                lb_binary()?.to_str().context("lb path")?,
+                "stop",
+                "--config",
+                self.config_path().to_str().context("config path")?,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 impl Drop for LbProcess {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        let _ = self.kill9();
+        if let Err(e) = lb_userspace::loader::remove_pins(&self.pin) {
+            eprintln!("warning: removing {}: {e}", self.pin.display());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

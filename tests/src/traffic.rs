@@ -3,10 +3,19 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read as _,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
+
+use anyhow::Context as _;
+
+use crate::netns::Netns;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -47,22 +56,147 @@ impl Tally {
     }
 }
 
+/// Connects to `to` and reads the server's name line; `None` on any failure.
+fn connect_and_name(to: SocketAddr, timeout: Duration) -> Option<(String, TcpStream)> {
+    let s = TcpStream::connect_timeout(&to, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    let mut name = String::new();
+    BufReader::new(s.try_clone().ok()?)
+        .read_line(&mut name)
+        .ok()?;
+    let name = name.trim_end().to_string();
+    (!name.is_empty()).then_some((name, s))
+}
+
 /// `n` TCP connections to `to`, one after another; each reads the server's
-/// answer until it closes. Must run inside the client's namespace.
+/// name and closes. Must run inside the client's namespace.
 pub fn tcp_connections(to: SocketAddr, n: usize) -> Tally {
     let mut tally = Tally::default();
     for _ in 0..n {
-        let answer = TcpStream::connect_timeout(&to, TIMEOUT)
-            .ok()
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(TIMEOUT)).ok()?;
-                let mut name = String::new();
-                s.read_to_string(&mut name).ok()?;
-                (!name.is_empty()).then_some(name)
-            });
-        tally.record(answer);
+        tally.record(connect_and_name(to, TIMEOUT).map(|(name, _)| name));
     }
     tally
+}
+
+/// One attempt of a [`NewConnections`] stream.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub at: Instant,
+    /// The backend that answered, or `None` if the attempt failed.
+    pub backend: Option<String>,
+}
+
+/// A steady stream of new TCP connections from the client's namespace, each
+/// reading the backend's name and closing, until [`finish`](Self::finish).
+pub struct NewConnections {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<anyhow::Result<Vec<Attempt>>>,
+}
+
+impl NewConnections {
+    /// `every`: the pause between attempts (10ms gives about 100/s).
+    pub fn start(
+        client: &Netns,
+        to: SocketAddr,
+        every: Duration,
+    ) -> anyhow::Result<NewConnections> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = client.spawn(move || {
+            let mut attempts = Vec::new();
+            // Bounded: at most 10 minutes of attempts even if never stopped.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let at = Instant::now();
+                let backend = connect_and_name(to, Duration::from_secs(1)).map(|(name, _)| name);
+                attempts.push(Attempt { at, backend });
+                std::thread::sleep(every.saturating_sub(at.elapsed()));
+            }
+            attempts
+        })?;
+        Ok(NewConnections { stop, thread })
+    }
+
+    pub fn finish(self) -> anyhow::Result<Vec<Attempt>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream thread panicked"))?
+    }
+}
+
+/// What happened to one long-lived connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub backend: String,
+    /// Why and when it broke, if it did.
+    pub broken: Option<(Instant, String)>,
+}
+
+/// Long-lived TCP connections, each exchanging a byte with its backend every
+/// 100 ms until [`finish`](Self::finish); any error, wrong echo or 2 s
+/// without an answer counts as broken.
+pub struct LongLived {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Conn>>,
+}
+
+impl LongLived {
+    pub fn open(client: &Netns, to: SocketAddr, n: usize) -> anyhow::Result<LongLived> {
+        let streams = client.enter(move || {
+            (0..n)
+                .map(|i| {
+                    connect_and_name(to, TIMEOUT)
+                        .with_context(|| format!("opening long-lived connection {i}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = streams
+            .into_iter()
+            .map(|(backend, mut s)| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut byte = [0u8; 1];
+                    let mut n: u8 = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        n = n.wrapping_add(1);
+                        let result = s
+                            .write_all(&[n])
+                            .and_then(|()| s.read_exact(&mut byte))
+                            .and_then(|()| {
+                                if byte[0] == n {
+                                    Ok(())
+                                } else {
+                                    Err(std::io::Error::other("wrong echo"))
+                                }
+                            });
+                        if let Err(e) = result {
+                            return Conn {
+                                backend,
+                                broken: Some((Instant::now(), e.to_string())),
+                            };
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Conn {
+                        backend,
+                        broken: None,
+                    }
+                })
+            })
+            .collect();
+        Ok(LongLived { stop, threads })
+    }
+
+    /// Stops exchanging and reports every connection.
+    pub fn finish(self) -> Vec<Conn> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .filter_map(|t| t.join().ok())
+            .collect()
+    }
 }
 
 /// `n` UDP request/answer exchanges with `to`, each from a new socket. Must

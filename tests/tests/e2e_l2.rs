@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use lb_tests::{
     root::root_or_skip,
-    topology::{L2Topology, TCP_PORT, UDP_PORT, VIP},
+    topology::{HEALTH_PORT, L2Topology, TCP_PORT, UDP_PORT, VIP},
     traffic::{tcp_connections, udp_exchanges},
 };
 
@@ -41,7 +41,7 @@ fn spreads_by_weight(xdp_mode: &str) {
         .collect();
     let vip = |name: &str, port: u16, proto: &str| {
         format!(
-            "  - name: {name}\n    address: {VIP}\n    port: {port}\n    protocol: {proto}\n    forwarding: l2\n    backends:\n{backends}"
+            "  - name: {name}\n    address: {VIP}\n    port: {port}\n    protocol: {proto}\n    forwarding: l2\n    health_check: {{ port: {HEALTH_PORT} }}\n    backends:\n{backends}"
         )
     };
     let config = format!(
@@ -49,7 +49,7 @@ fn spreads_by_weight(xdp_mode: &str) {
         vip("web", TCP_PORT, "tcp"),
         vip("echo", UDP_PORT, "udp")
     );
-    let lb = topo.start_lb(&config).expect("lb run");
+    let mut lb = topo.start_lb(&config).expect("lb run");
 
     let tcp = topo
         .client
@@ -76,13 +76,12 @@ fn spreads_by_weight(xdp_mode: &str) {
         );
     }
     // The servers saw exactly what the client counted: nothing answered twice.
-    let served: usize = topo.served().iter().map(|s| s.1).sum();
+    let served: usize = topo.served().iter().map(|s| s.1 + s.2).sum();
     assert_eq!(served, 2 * FLOWS);
 
-    let (status, log) = lb.stop().expect("lb stops");
+    // SIGTERM ends lb but not forwarding: the program stays attached.
+    let (status, log) = lb.terminate().expect("lb stops");
     assert!(status.success(), "lb exits 0 on SIGTERM: {status}\n{log}");
-    let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
-    let link = String::from_utf8_lossy(&link.stdout);
     assert!(
         log.contains(&format!(
             "mode={}",
@@ -90,5 +89,16 @@ fn spreads_by_weight(xdp_mode: &str) {
         )),
         "{log}"
     );
-    assert!(!link.contains("xdp"), "program detached on SIGTERM: {link}");
+    let after = topo
+        .client
+        .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), 50))
+        .unwrap();
+    assert_eq!(after.failures, 0, "forwarding continues after lb exits");
+    // `lb stop` detaches.
+    let said = lb.lb_stop().expect("lb stop");
+    assert!(said.contains("detached"), "{said}");
+    let link = topo.lb.ip(&["link", "show", "eth0"]).unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("xdp"), "program detached by lb stop: {link}");
+    assert!(!lb.pin_path().exists(), "pins removed");
 }

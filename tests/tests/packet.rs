@@ -101,7 +101,7 @@ fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
         3,
         "all three backends get flows: {per_backend:?}"
     );
-    assert_stats(&h, &[(Stat::ActionTx, n)]);
+    assert_stats(&h, &[(Stat::ActionTx, n), (Stat::FlowMissSyn, n)]);
     let traffic = h.reconciler.traffic(&h.counters().unwrap());
     let web_traffic = traffic.iter().find(|v| v.name == "web").unwrap();
     assert_eq!(
@@ -136,7 +136,7 @@ fn udp_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
         seen.insert(expected);
     }
     assert_eq!(seen.len(), 2);
-    assert_stats(&h, &[(Stat::ActionTx, 200)]);
+    assert_stats(&h, &[(Stat::ActionTx, 200), (Stat::FlowMissSyn, 200)]);
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn a_backend_behind_another_interface_is_redirected() {
     let out = h.run(&input).unwrap();
     assert_eq!(out.action, XDP_REDIRECT);
     assert_eq!(&out.packet[6..12], &LB_MAC);
-    assert_stats(&h, &[(Stat::ActionRedirect, 1)]);
+    assert_stats(&h, &[(Stat::ActionRedirect, 1), (Stat::FlowMissSyn, 1)]);
 }
 
 #[test]
@@ -209,6 +209,7 @@ fn an_unresolved_backend_is_dropped_never_sent_to_a_zero_mac() {
             (Stat::ActionTx, tx),
             (Stat::ActionDrop, dropped),
             (Stat::DropNoNeighbour, dropped),
+            (Stat::FlowMissSyn, 100),
         ],
     );
 }
@@ -314,6 +315,7 @@ fn truncated_headers_at_every_cut_point_are_dropped_and_counted() {
     }
     expected.insert(Stat::ActionDrop, (54 - 14) + (42 - 14));
     expected.insert(Stat::ActionTx, 2);
+    expected.insert(Stat::FlowMissSyn, 2);
     let expected: Vec<(Stat, u64)> = expected.into_iter().collect();
     assert_stats(&h, &expected);
 }

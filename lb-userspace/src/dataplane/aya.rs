@@ -10,7 +10,7 @@ use lb_common::{
     map_names,
 };
 
-use super::{Counters, Dataplane, DataplaneError};
+use super::{Counters, Dataplane, DataplaneError, Snapshot};
 
 pub struct AyaDataplane {
     vips: HashMap<MapData, VipKey, VipEntry>,
@@ -122,5 +122,24 @@ impl Dataplane for AyaDataplane {
             vips: sum_traffic(&self.vip_stats, map_names::VIP_STATS, MAX_VIPS)?,
             backends: sum_traffic(&self.backend_stats, map_names::BACKEND_STATS, MAX_BACKENDS)?,
         })
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
+        let vips = self
+            .vips
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::VIPS))?;
+        let mut backends = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let entry = self
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(map_names::BACKENDS))?;
+            if entry.generation != 0 {
+                backends.push((id, entry));
+            }
+        }
+        Ok((vips, backends))
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{BackendEntry, GlobalConfig, VipEntry, VipKey};
 
-use super::{Counters, Dataplane, DataplaneError};
+use super::{Counters, Dataplane, DataplaneError, Snapshot};
 
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
@@ -62,5 +62,16 @@ impl Dataplane for FakeDataplane {
 
     fn counters(&self) -> Result<Counters, DataplaneError> {
         Ok(Counters::empty())
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
+        Ok((
+            self.vips.iter().map(|(k, e)| (*k, *e)).collect(),
+            self.backends
+                .iter()
+                .filter(|(_, e)| e.generation != 0)
+                .map(|(i, e)| (*i, *e))
+                .collect(),
+        ))
     }
 }

@@ -24,6 +24,8 @@ pub enum DataplaneError {
     },
 }
 
+pub type Snapshot = (Vec<(VipKey, VipEntry)>, Vec<(u32, BackendEntry)>);
+
 /// Every counter the program keeps, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -69,4 +71,7 @@ pub trait Dataplane {
     fn set_vip(&mut self, key: VipKey, entry: VipEntry) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError>;
     fn counters(&self) -> Result<Counters, DataplaneError>;
+    /// Every VIP entry, and every backend entry ever written (generation
+    /// non-zero): what a restarted control plane adopts.
+    fn snapshot(&self) -> Result<Snapshot, DataplaneError>;
 }

@@ -78,7 +78,7 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         "Building the topology: client {CLIENT}, load balancer {LB}, backends {names:?}, VIP {VIP}"
     );
     let topo = L2Topology::new(&names)?;
-    let lb = topo.start_lb(DEMO_CONFIG)?;
+    let mut lb = topo.start_lb(DEMO_CONFIG)?;
     println!(
         "lb attached (native XDP on eth0 in namespace {}).",
         topo.lb.name()
@@ -148,8 +148,9 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         "Every answer came straight from a backend (direct server return): the load balancer's namespace does not forward IP."
     );
 
-    let (status, log) = lb.stop()?;
-    println!("lb stopped on SIGTERM ({status}) and detached.");
+    let (status, log) = lb.terminate()?;
+    lb.lb_stop()?;
+    println!("lb stopped on SIGTERM ({status}); `lb stop` detached the program.");
     // lb logs its counters (per VIP, per backend, per verdict) at debug level,
     // last of all as it shuts down.
     println!("\nThe XDP program's own counters, as lb logged them on shutdown:");

@@ -1,0 +1,352 @@
+//! Backend health: one probe task per (VIP, backend), a rise/fall state
+//! machine so a single blip does not flap a backend, and transitions sent to
+//! the reconcile loop (which alone turns them into map writes).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use lb_common::VipKey;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+    time::Instant,
+};
+use tracing::{info, warn};
+
+use crate::config::{Config, HealthCheck, HealthKind};
+
+/// Consecutive-result state of one backend. Starts up (optimistically, like
+/// HAProxy): a backend listed in the config takes traffic until `fall`
+/// consecutive probes fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthState {
+    up: bool,
+    /// Consecutive results contradicting `up`.
+    streak: u32,
+}
+
+impl HealthState {
+    pub fn new(up: bool) -> Self {
+        Self { up, streak: 0 }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// Feeds one probe result; returns the new state when it flips.
+    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.up { fall } else { rise };
+        if self.streak < needed {
+            return None;
+        }
+        self.up = ok;
+        self.streak = 0;
+        Some(ok)
+    }
+}
+
+/// Why a probe failed, for the transition log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Refused,
+    Timeout,
+    BadStatus(String),
+    Error(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused => f.write_str("connection refused"),
+            Failure::Timeout => f.write_str("timeout"),
+            Failure::BadStatus(s) => write!(f, "bad status: {s}"),
+            Failure::Error(e) => f.write_str(e),
+        }
+    }
+}
+
+/// One probe of `addr` as `check` says, bounded by its timeout.
+pub async fn probe(check: &HealthCheck, addr: Ipv4Addr) -> Result<(), Failure> {
+    let target = SocketAddr::from((addr, check.port));
+    let attempt = async {
+        let mut stream = TcpStream::connect(target)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => Failure::Refused,
+                _ => Failure::Error(e.to_string()),
+            })?;
+        if check.kind == HealthKind::Http {
+            http_get(&mut stream, &check.path, addr).await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(check.timeout, attempt)
+        .await
+        .unwrap_or(Err(Failure::Timeout))
+}
+
+/// Sends `GET path` and accepts a 2xx status line.
+async fn http_get(stream: &mut TcpStream, path: &str, host: Ipv4Addr) -> Result<(), Failure> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
+    );
+    let io = |e: std::io::Error| Failure::Error(e.to_string());
+    stream.write_all(request.as_bytes()).await.map_err(io)?;
+    // The status line fits in the first read of any real server's answer;
+    // read until it is complete or the server closes.
+    let mut buf = Vec::with_capacity(256);
+    while !buf.contains(&b'\n') && buf.len() < 1024 {
+        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let line = line.lines().next().unwrap_or("").trim();
+    match line.split_whitespace().nth(1) {
+        Some(code) if line.starts_with("HTTP/") && code.len() == 3 && code.starts_with('2') => {
+            Ok(())
+        }
+        _ => Err(Failure::BadStatus(if line.is_empty() {
+            "no answer".into()
+        } else {
+            line.into()
+        })),
+    }
+}
+
+/// A backend's health flipped.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub vip: VipKey,
+    pub backend: Ipv4Addr,
+    pub up: bool,
+    /// When the deciding probe finished (for detection-to-swap latency).
+    pub at: Instant,
+}
+
+/// Runs one probe task per (VIP, backend) of the current config.
+pub struct Supervisor {
+    tasks: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, JoinHandle<()>)>,
+    events: mpsc::Sender<Transition>,
+}
+
+impl Supervisor {
+    pub fn new(events: mpsc::Sender<Transition>) -> Self {
+        Self {
+            tasks: BTreeMap::new(),
+            events,
+        }
+    }
+
+    /// Starts tasks for new backends (in state `initial(vip, backend)`), stops
+    /// those of removed backends, and restarts those whose check changed.
+    /// Within a VIP, tasks start spread evenly over the interval so probes do
+    /// not arrive in bursts.
+    pub fn sync(&mut self, config: &Config, initial: impl Fn(&VipKey, Ipv4Addr) -> bool) {
+        let mut wanted: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, Duration)> = BTreeMap::new();
+        for vip in &config.vips {
+            let key = crate::reconcile::vip_key(vip);
+            let n = vip.backends.len().max(1) as u32;
+            for (i, b) in vip.backends.iter().enumerate() {
+                let offset = vip.health_check.interval * i as u32 / n;
+                wanted.insert((key, b.address), (vip.health_check.clone(), offset));
+            }
+        }
+        self.tasks.retain(|k, (check, task)| {
+            let keep = wanted.get(k).is_some_and(|(c, _)| c == check);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (k, (check, offset)) in wanted {
+            if self.tasks.contains_key(&k) {
+                continue;
+            }
+            let state = HealthState::new(initial(&k.0, k.1));
+            let task = tokio::spawn(probe_loop(
+                k.0,
+                k.1,
+                check.clone(),
+                state,
+                offset,
+                self.events.clone(),
+            ));
+            self.tasks.insert(k, (check, task));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+async fn probe_loop(
+    vip: VipKey,
+    backend: Ipv4Addr,
+    check: HealthCheck,
+    mut state: HealthState,
+    offset: Duration,
+    events: mpsc::Sender<Transition>,
+) {
+    let mut ticks = tokio::time::interval_at(Instant::now() + offset, check.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let result = probe(&check, backend).await;
+        let Some(up) = state.observe(result.is_ok(), check.rise, check.fall) else {
+            continue;
+        };
+        match &result {
+            Ok(()) => info!(%backend, port = check.port, rise = check.rise, "backend is up"),
+            Err(reason) => {
+                warn!(%backend, port = check.port, fall = check.fall, %reason, "backend is down")
+            }
+        }
+        let t = Transition {
+            vip,
+            backend,
+            up,
+            at: Instant::now(),
+        };
+        if events.send(t).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(state: &mut HealthState, results: &[bool]) -> Vec<Option<bool>> {
+        results.iter().map(|&r| state.observe(r, 2, 3)).collect()
+    }
+
+    #[test]
+    fn goes_down_after_fall_consecutive_failures() {
+        let mut s = HealthState::new(true);
+        assert_eq!(
+            feed(&mut s, &[false, false, false]),
+            [None, None, Some(false)]
+        );
+        assert!(!s.is_up());
+    }
+
+    #[test]
+    fn comes_back_after_rise_consecutive_successes() {
+        let mut s = HealthState::new(false);
+        assert_eq!(feed(&mut s, &[true, true]), [None, Some(true)]);
+        assert!(s.is_up());
+    }
+
+    #[test]
+    fn a_single_blip_does_not_flap() {
+        let mut s = HealthState::new(true);
+        // Two failures, a success, two failures: never three in a row.
+        assert_eq!(
+            feed(&mut s, &[false, false, true, false, false, true]),
+            [None; 6]
+        );
+        assert!(s.is_up());
+        let mut s = HealthState::new(false);
+        assert_eq!(feed(&mut s, &[true, false, true, false]), [None; 4]);
+        assert!(!s.is_up());
+    }
+
+    #[test]
+    fn flapping_input_reports_each_transition_once() {
+        let mut s = HealthState::new(true);
+        let input = [
+            false, false, false, false, true, true, true, false, false, false,
+        ];
+        let flips: Vec<bool> = feed(&mut s, &input).into_iter().flatten().collect();
+        assert_eq!(flips, [false, true, false]);
+    }
+
+    fn check(kind: HealthKind, port: u16) -> HealthCheck {
+        HealthCheck {
+            kind,
+            port,
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_succeeds_on_a_listener_and_is_refused_without() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(
+            probe(&check(HealthKind::Tcp, port), Ipv4Addr::LOCALHOST).await,
+            Ok(())
+        );
+        drop(l);
+        assert_eq!(
+            probe(&check(HealthKind::Tcp, port), Ipv4Addr::LOCALHOST).await,
+            Err(Failure::Refused)
+        );
+    }
+
+    async fn http_server(answer: &'static str) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                assert!(
+                    String::from_utf8_lossy(&buf[..n]).starts_with("GET /healthz HTTP/1.1\r\n")
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn http_probe_wants_a_2xx_status() {
+        let ok = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(
+            probe(&check(HealthKind::Http, ok), Ipv4Addr::LOCALHOST).await,
+            Ok(())
+        );
+        let bad = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        assert_eq!(
+            probe(&check(HealthKind::Http, bad), Ipv4Addr::LOCALHOST).await,
+            Err(Failure::BadStatus(
+                "HTTP/1.1 503 Service Unavailable".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        // Accepts (the kernel completes the handshake) but never answers.
+        assert_eq!(
+            probe(&check(HealthKind::Http, port), Ipv4Addr::LOCALHOST).await,
+            Err(Failure::Timeout)
+        );
+        drop(l);
+    }
+}

@@ -1,0 +1,359 @@
+//! Packet tier: the flow table and table swaps, through the verifier-loaded
+//! program with BPF_PROG_TEST_RUN and maps written by the real reconciler.
+//! Needs root.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use lb_common::Stat;
+use lb_tests::{
+    packet::{Harness, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp},
+    root::root_or_skip,
+};
+use lb_userspace::{
+    config::Config,
+    reconcile::{Health, vip_key},
+};
+
+const XDP_TX: u32 = 3;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const TEST_RUN_IFINDEX: u32 = 1;
+
+fn ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, i)
+}
+
+/// `web` (TCP) and `dns` (UDP) over the given `(last octet, state)` backends.
+fn config(backends: &[(u8, &str)], table_size: u32) -> String {
+    let list: String = backends
+        .iter()
+        .map(|(i, state)| {
+            format!("      - {{ address: 10.77.0.{i}, weight: 1, state: {state} }}\n")
+        })
+        .collect();
+    format!(
+        "interface: lo\nmaglev: {{ table_size: {table_size}, seed: 0x5eed }}\nmax_vips: 4\n\
+         flow_table: {{ udp_idle_timeout: 1s }}\nvips:\n\
+         \x20 - name: web\n    address: 10.77.0.100\n    port: 80\n    protocol: tcp\n    forwarding: l2\n    backends:\n{list}\
+         \x20 - name: dns\n    address: 10.77.0.100\n    port: 53\n    protocol: udp\n    forwarding: l2\n    backends:\n{list}"
+    )
+}
+
+fn harness(test: &str, backends: &[(u8, &str)]) -> Option<Harness> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let all = [11, 12, 13, 14].map(ip);
+    Some(Harness::new(&config(backends, 65537), &neighbours(all, TEST_RUN_IFINDEX)).expect("load"))
+}
+
+const THREE: [(u8, &str); 3] = [(11, "active"), (12, "active"), (13, "active")];
+
+/// Opens `n` TCP flows (SYN) from ports `base..`; returns each port's backend.
+fn open_flows(h: &mut Harness, base: u16, n: u16) -> BTreeMap<u16, Ipv4Addr> {
+    (base..base + n)
+        .map(|sport| {
+            let out = h.run(&tcp_syn(CLIENT, sport, VIP, 80)).unwrap();
+            assert_eq!(out.action, XDP_TX);
+            (sport, h.backend_of(&out).expect("a backend MAC"))
+        })
+        .collect()
+}
+
+/// Sends one mid-connection packet per flow; returns each port's backend.
+fn continue_flows(h: &mut Harness, flows: &BTreeMap<u16, Ipv4Addr>) -> BTreeMap<u16, Ipv4Addr> {
+    flows
+        .keys()
+        .map(|&sport| {
+            let out = h.run(&tcp_ack(CLIENT, sport, VIP, 80)).unwrap();
+            assert_eq!(out.action, XDP_TX);
+            (sport, h.backend_of(&out).expect("a backend MAC"))
+        })
+        .collect()
+}
+
+fn stat(h: &Harness, s: Stat) -> u64 {
+    h.counters().unwrap().stat(s)
+}
+
+#[test]
+fn a_syn_is_placed_and_the_rest_of_its_flow_hits() {
+    let Some(mut h) = harness("syn_then_hits", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 30000, 50);
+    for _ in 0..3 {
+        assert_eq!(continue_flows(&mut h, &flows), flows);
+    }
+    assert_eq!(
+        (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
+        (50, 150)
+    );
+}
+
+#[test]
+fn a_mid_stream_packet_without_an_entry_is_placed_and_counted_apart() {
+    let Some(mut h) = harness("non_syn_miss", &THREE) else {
+        return;
+    };
+    let web = h.config.vips[0].clone();
+    let out = h.run(&tcp_ack(CLIENT, 31000, VIP, 80)).unwrap();
+    assert_eq!(
+        h.backend_of(&out),
+        Some(h.expected_backend(&web, CLIENT, 31000))
+    );
+    h.run(&tcp_ack(CLIENT, 31000, VIP, 80)).unwrap();
+    let c = h.counters().unwrap();
+    assert_eq!(
+        (
+            c.stat(Stat::FlowMissNonSyn),
+            c.stat(Stat::FlowHit),
+            c.stat(Stat::FlowMissSyn)
+        ),
+        (1, 1, 0)
+    );
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_a_backend_is_added() {
+    let Some(mut h) = harness("keep_on_add", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 32000, 300);
+    h.reconfigure(&config(
+        &[
+            (11, "active"),
+            (12, "active"),
+            (13, "active"),
+            (14, "active"),
+        ],
+        65537,
+    ))
+    .unwrap();
+    let web = h.config.vips[0].clone();
+    let would_move = flows
+        .iter()
+        .filter(|&(&p, &b)| expected_backend(&h.config, &web, CLIENT, p) != b)
+        .count();
+    assert!(
+        would_move > 30,
+        "the new table moves some flows ({would_move}), so keeping them is the flow table's work"
+    );
+    assert_eq!(
+        continue_flows(&mut h, &flows),
+        flows,
+        "established flows stay"
+    );
+    // New flows follow the new table, which uses the new backend.
+    let new = open_flows(&mut h, 40000, 300);
+    for (&p, &b) in &new {
+        assert_eq!(b, expected_backend(&h.config, &web, CLIENT, p));
+    }
+    assert!(new.values().any(|&b| b == ip(14)));
+    assert_eq!(stat(&h, Stat::FlowReplaced), 0);
+}
+
+#[test]
+fn flows_of_a_down_backend_are_re_placed_and_the_others_stay() {
+    let Some(mut h) = harness("re_place_on_down", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 33000, 300);
+    let key = vip_key(&h.config.vips[0]);
+    h.apply(&Health::from([((key, ip(12)), false)])).unwrap();
+    let after = continue_flows(&mut h, &flows);
+    let mut moved = 0;
+    for (p, b) in &flows {
+        if *b == ip(12) {
+            assert_ne!(after[p], ip(12), "flow {p} left the down backend");
+            moved += 1;
+        } else {
+            assert_eq!(after[p], *b, "flow {p} stays");
+        }
+    }
+    assert!(moved > 0);
+    assert_eq!(stat(&h, Stat::FlowReplaced), moved);
+    // Once re-placed, the flow sticks to its new backend.
+    assert_eq!(continue_flows(&mut h, &flows), after);
+}
+
+#[test]
+fn drain_keeps_established_flows_and_takes_no_new_ones() {
+    let Some(mut h) = harness("drain", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 34000, 300);
+    assert!(flows.values().any(|&b| b == ip(13)));
+    h.reconfigure(&config(
+        &[(11, "active"), (12, "active"), (13, "drain")],
+        65537,
+    ))
+    .unwrap();
+    assert_eq!(
+        continue_flows(&mut h, &flows),
+        flows,
+        "draining backend keeps its flows"
+    );
+    let new = open_flows(&mut h, 45000, 300);
+    assert!(
+        new.values().all(|&b| b != ip(13)),
+        "no new flow goes to a draining backend"
+    );
+}
+
+#[test]
+fn disabling_a_backend_re_places_its_flows() {
+    let Some(mut h) = harness("disabled", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 35000, 300);
+    h.reconfigure(&config(
+        &[(11, "active"), (12, "active"), (13, "disabled")],
+        65537,
+    ))
+    .unwrap();
+    let after = continue_flows(&mut h, &flows);
+    for (p, b) in &flows {
+        assert_eq!(after[p] == *b, *b != ip(13), "flow {p}");
+    }
+}
+
+#[test]
+fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
+    let Some(mut h) = harness("id_reuse", &THREE) else {
+        return;
+    };
+    let flows = open_flows(&mut h, 36000, 300);
+    // .13 leaves; .14 arrives and takes the lowest free id, which was .13's.
+    h.reconfigure(&config(&[(11, "active"), (12, "active")], 65537))
+        .unwrap();
+    h.reconfigure(&config(
+        &[(11, "active"), (12, "active"), (14, "active")],
+        65537,
+    ))
+    .unwrap();
+    let web = h.config.vips[0].clone();
+    let after = continue_flows(&mut h, &flows);
+    for (p, b) in &flows {
+        if *b == ip(13) {
+            assert_eq!(
+                after[p],
+                expected_backend(&h.config, &web, CLIENT, *p),
+                "flow {p} re-placed by the table"
+            );
+        } else {
+            assert_eq!(after[p], *b);
+        }
+    }
+}
+
+#[test]
+fn udp_flows_expire_after_the_idle_timeout() {
+    let Some(mut h) = harness("udp_idle", &THREE) else {
+        return;
+    };
+    for sport in 2000..2010 {
+        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
+        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
+    }
+    assert_eq!(
+        (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
+        (10, 10)
+    );
+    // The configured timeout is 1s.
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    for sport in 2000..2010 {
+        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
+    }
+    assert_eq!(
+        (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
+        (20, 10),
+        "idle flows are placed afresh"
+    );
+}
+
+/// While another thread swaps the VIP's table between two backend sets
+/// 10,000 times, every packet of a new flow goes to the backend that either
+/// the old or the new table gives it: no packet sees a mixture.
+#[test]
+fn table_swaps_are_atomic_under_traffic() {
+    if !root_or_skip("table_swaps_are_atomic_under_traffic") {
+        return;
+    }
+    // A small table keeps 10,000 whole-table writes quick.
+    const M: u32 = 251;
+    let text = config(&THREE, M);
+    let all = neighbours([11, 12, 13].map(ip), TEST_RUN_IFINDEX);
+    let h = Harness::new(&text, &all).unwrap();
+    let Harness {
+        mut ebpf,
+        mut reconciler,
+        config,
+        neighbours,
+    } = h;
+    let web = config.vips[0].clone();
+    let key = vip_key(&web);
+    // Set A: all three; set B: .13 down. Tables for both, all-healthy config
+    // for A, and a config without .13 for B (same table as .13 down).
+    let without_13 = Config::parse(&config_without_13(M), std::path::Path::new("b.yaml")).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let config = config.clone();
+        std::thread::spawn(move || {
+            let down = Health::from([((key, ip(13)), false)]);
+            for i in 0..10_000 {
+                let health = if i % 2 == 0 {
+                    down.clone()
+                } else {
+                    Health::new()
+                };
+                reconciler.apply(&config, &health, &neighbours).unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+
+    let mut checked = 0u32;
+    let mut sport = 1024u16;
+    let mut src = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        // Every packet a new flow: a fresh (source, port) pair.
+        sport = sport.checked_add(1).unwrap_or_else(|| {
+            src += 1;
+            1024
+        });
+        let client = Ipv4Addr::from(0x0a80_0000 + src);
+        let out = run_packet(&mut ebpf, &tcp_syn(client, sport, VIP, 80)).unwrap();
+        assert_eq!(out.action, XDP_TX, "packet {checked}");
+        let mac = &out.packet[..6];
+        let a = expected_backend(&config, &web, client, sport);
+        let b = expected_backend(&without_13, &without_13.vips[0], client, sport);
+        let got = [a, b]
+            .into_iter()
+            .find(|x| lb_tests::packet::backend_mac(*x) == mac);
+        assert!(
+            got.is_some(),
+            "packet {checked} of {client}:{sport} went to neither {a} nor {b}"
+        );
+        checked += 1;
+    }
+    swapper.join().unwrap();
+    assert!(
+        checked > 1000,
+        "only {checked} packets overlapped the swaps"
+    );
+    println!("{checked} packets checked during 10,000 swaps");
+}
+
+fn config_without_13(table_size: u32) -> String {
+    config(&[(11, "active"), (12, "active")], table_size)
+}
