@@ -1,0 +1,468 @@
+//! End-to-end tier for live changes: backend failure and recovery, changes to
+//! the backend set under established connections, draining, all-down
+//! policies, rejected reloads and `kill -9` restarts. Real kernel TCP in
+//! network namespaces, L2 direct server return. Needs root.
+//!
+//! The tests run one at a time (they measure what clients see around timed
+//! events, so they should not compete for the two CPUs).
+
+use std::{
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use lb_common::Stat;
+use lb_tests::{
+    root::root_or_skip,
+    topology::{HEALTH_PORT, L2Topology, LbProcess, TCP_PORT, VIP, backend_address},
+    traffic::{Attempt, Conn, LongLived, NewConnections, tcp_connections},
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const WEB: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VIP), TCP_PORT);
+
+/// A config with one TCP VIP over backends `(index, weight, state)`.
+fn config(backends: &[(usize, u32, &str)], health_check: &str, on_all_down: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|&(i, w, state)| {
+            format!(
+                "      - {{ address: {}, weight: {w}, state: {state} }}\n",
+                backend_address(i)
+            )
+        })
+        .collect();
+    format!(
+        "interface: eth0\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n\
+         \x20 - name: web\n    address: {VIP}\n    port: {TCP_PORT}\n    protocol: tcp\n    forwarding: l2\n\
+         \x20   health_check: {health_check}\n    on_all_down: {on_all_down}\n    backends:\n{list}"
+    )
+}
+
+/// Probes the dedicated health port, quickly.
+fn health_port_check() -> String {
+    format!("{{ port: {HEALTH_PORT}, interval: 300ms, timeout: 200ms, rise: 2, fall: 2 }}")
+}
+
+fn broken(conns: &[Conn]) -> Vec<&Conn> {
+    conns.iter().filter(|c| c.broken.is_some()).collect()
+}
+
+fn failed(attempts: &[Attempt]) -> usize {
+    attempts.iter().filter(|a| a.backend.is_none()).count()
+}
+
+/// Writes `config`, sends SIGHUP and waits until lb logged one more reload.
+fn reload(lb: &LbProcess, config: &str) {
+    let before = lb.log().matches("config reloaded").count();
+    lb.write_config(config).unwrap();
+    lb.sighup().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lb.log().matches("config reloaded").count() == before {
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", lb.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `detection_to_swap_us` of every table swap lb logged.
+fn swap_latencies_us(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("table swapped"))
+        .filter_map(|l| {
+            l.split("detection_to_swap_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_backend_stops_costing_connections_and_rejoins_when_back() {
+    if !root_or_skip("a_failed_backend_stops_costing_connections_and_rejoins_when_back") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    // Probes the service port itself, so stopping the server fails the probes.
+    let (interval, rise, fall) = (Duration::from_millis(500), 2u32, 2u32);
+    let check = "{ interval: 500ms, timeout: 300ms, rise: 2, fall: 2 }";
+    let lb = topo
+        .start_lb(&config(
+            &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+            check,
+            "fail_open",
+        ))
+        .unwrap();
+
+    let stream = NewConnections::start(&topo.client, WEB, Duration::from_millis(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped = Instant::now();
+    topo.set_service(1, false).unwrap();
+    let settled = stopped + interval * fall + Duration::from_secs(1);
+    std::thread::sleep(settled - Instant::now() + Duration::from_secs(2));
+    let restarted = Instant::now();
+    topo.set_service(1, true).unwrap();
+    let rejoined = restarted + interval * rise + Duration::from_secs(1);
+    std::thread::sleep(rejoined - Instant::now() + Duration::from_secs(2));
+    let attempts = stream.finish().unwrap();
+
+    let rate = attempts.len() as f64
+        / attempts
+            .last()
+            .unwrap()
+            .at
+            .duration_since(attempts[0].at)
+            .as_secs_f64();
+    let before_detection = attempts
+        .iter()
+        .filter(|a| a.at >= stopped && a.at < settled && a.backend.is_none())
+        .count();
+    let after_detection: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.at >= settled && a.backend.is_none())
+        .collect();
+    let b2_back = attempts
+        .iter()
+        .filter(|a| a.at >= rejoined && a.backend.as_deref() == Some("b2"))
+        .count();
+    println!(
+        "{} attempts at {rate:.0}/s; failed before detection: {before_detection}; after: {}; b2 after rejoining: {b2_back}",
+        attempts.len(),
+        after_detection.len()
+    );
+    assert!(
+        rate >= 50.0,
+        "at least 50 new connections per second ({rate:.0})"
+    );
+    assert_eq!(
+        failed(&attempts[..]) - before_detection,
+        after_detection.len(),
+        "no failure before the stop"
+    );
+    assert!(
+        after_detection.is_empty(),
+        "no new connection fails after fall*interval+1s: {after_detection:?}"
+    );
+    assert!(
+        b2_back > 0,
+        "b2 receives new connections after rise*interval+1s"
+    );
+    let swaps = swap_latencies_us(&lb.log());
+    assert_eq!(swaps.len(), 2, "one swap down, one up:\n{}", lb.log());
+    println!("detection-to-swap latencies (us): {swaps:?}");
+}
+
+/// Twenty down/up cycles of one backend; every transition is followed by a
+/// table swap, and the detection-to-swap latency of each is reported.
+#[test]
+fn every_health_transition_swaps_the_table() {
+    if !root_or_skip("every_health_transition_swaps_the_table") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = L2Topology::new(&["b1", "b2"]).unwrap();
+    let check =
+        format!("{{ port: {HEALTH_PORT}, interval: 100ms, timeout: 50ms, rise: 1, fall: 1 }}");
+    let lb = topo
+        .start_lb(&config(
+            &[(0, 1, "active"), (1, 1, "active")],
+            &check,
+            "fail_open",
+        ))
+        .unwrap();
+    for cycle in 0..20 {
+        for (on, n) in [(false, 2 * cycle + 1), (true, 2 * cycle + 2)] {
+            topo.set_health(1, on).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while swap_latencies_us(&lb.log()).len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "cycle {cycle}: no swap after health {on}:\n{}",
+                    lb.log()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    let mut down: Vec<u64> = lb
+        .log()
+        .lines()
+        .filter(|l| l.contains("table swapped") && l.contains("up=false"))
+        .filter_map(|l| {
+            l.split("detection_to_swap_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(down.len(), 20);
+    down.sort();
+    println!(
+        "detection-to-swap over 20 failures: median {} us, max {} us",
+        down[10], down[19]
+    );
+}
+
+#[test]
+fn established_connections_survive_backend_set_changes() {
+    if !root_or_skip("established_connections_survive_backend_set_changes") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = L2Topology::new(&["b1", "b2", "b3", "b4", "b5"]).unwrap();
+    let check = health_port_check();
+    // b4 is configured but disabled: it never gets a connection (idle).
+    let start = [
+        (0, 1, "active"),
+        (1, 1, "active"),
+        (2, 1, "active"),
+        (3, 1, "disabled"),
+    ];
+    let lb = topo.start_lb(&config(&start, &check, "fail_open")).unwrap();
+    let conns = LongLived::open(&topo.client, WEB, 200).unwrap();
+
+    // Add b5.
+    let added = [
+        (0, 1, "active"),
+        (1, 1, "active"),
+        (2, 1, "active"),
+        (3, 1, "disabled"),
+        (4, 1, "active"),
+    ];
+    reload(&lb, &config(&added, &check, "fail_open"));
+    let probe = topo.client.enter(|| tcp_connections(WEB, 100)).unwrap();
+    assert!(
+        probe.by_backend.contains_key("b5"),
+        "new connections reach the added backend: {probe:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // Remove the idle b4.
+    let removed = [
+        (0, 1, "active"),
+        (1, 1, "active"),
+        (2, 1, "active"),
+        (4, 1, "active"),
+    ];
+    reload(&lb, &config(&removed, &check, "fail_open"));
+    std::thread::sleep(Duration::from_secs(1));
+    // Change a weight.
+    let reweighted = [
+        (0, 3, "active"),
+        (1, 1, "active"),
+        (2, 1, "active"),
+        (4, 1, "active"),
+    ];
+    reload(&lb, &config(&reweighted, &check, "fail_open"));
+    std::thread::sleep(Duration::from_secs(1));
+
+    let report = conns.finish();
+    assert_eq!(report.len(), 200);
+    println!("200 long-lived connections over {:?}", per_backend(&report));
+    assert!(
+        broken(&report).is_empty(),
+        "broken established connections: {:?}",
+        broken(&report)
+    );
+    assert!(!report.iter().any(|c| c.backend == "b4"));
+}
+
+fn per_backend(conns: &[Conn]) -> std::collections::BTreeMap<&str, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for c in conns {
+        *m.entry(c.backend.as_str()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn a_draining_backend_keeps_its_connections_and_gets_no_new_ones() {
+    if !root_or_skip("a_draining_backend_keeps_its_connections_and_gets_no_new_ones") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    let check = health_port_check();
+    let lb = topo
+        .start_lb(&config(
+            &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+            &check,
+            "fail_open",
+        ))
+        .unwrap();
+    let conns = LongLived::open(&topo.client, WEB, 100).unwrap();
+
+    reload(
+        &lb,
+        &config(
+            &[(0, 1, "active"), (1, 1, "drain"), (2, 1, "active")],
+            &check,
+            "fail_open",
+        ),
+    );
+    let accepted_at_drain = topo.served()[1].1;
+    let stream = NewConnections::start(&topo.client, WEB, Duration::from_millis(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = stream.finish().unwrap();
+    let report = conns.finish();
+
+    let on_b2 = report.iter().filter(|c| c.backend == "b2").count();
+    println!(
+        "long-lived per backend {:?}; {} new connections after the drain",
+        per_backend(&report),
+        attempts.len()
+    );
+    assert!(
+        on_b2 > 0,
+        "the draining backend had established connections"
+    );
+    assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
+    assert_eq!(failed(&attempts), 0);
+    assert!(
+        !attempts.iter().any(|a| a.backend.as_deref() == Some("b2")),
+        "no new connection reaches b2"
+    );
+    assert_eq!(
+        topo.served()[1].1,
+        accepted_at_drain,
+        "b2's server accepted nothing new"
+    );
+}
+
+#[test]
+fn all_backends_down_fails_open_or_drops_as_configured() {
+    if !root_or_skip("all_backends_down_fails_open_or_drops_as_configured") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    let check = health_port_check();
+    let all = [(0, 1, "active"), (1, 1, "active"), (2, 1, "active")];
+    let lb = topo.start_lb(&config(&all, &check, "fail_open")).unwrap();
+    for i in 0..3 {
+        topo.set_health(i, false).unwrap();
+    }
+    // fall * interval + 1s, with room for the last backend's probe phase.
+    std::thread::sleep(Duration::from_millis(2 * 300 + 1000 + 300));
+    assert!(lb.log().contains("all_down=true"), "{}", lb.log());
+
+    let open = topo.client.enter(|| tcp_connections(WEB, 100)).unwrap();
+    println!("fail_open: {open:?}");
+    assert_eq!(open.failures, 0, "fail_open keeps every active backend");
+    assert_eq!(open.by_backend.len(), 3);
+
+    reload(&lb, &config(&all, &check, "drop"));
+    let drops_before = lb.stat(Stat::DropNoBackend).unwrap();
+    let dropped = topo.client.enter(|| tcp_connections(WEB, 20)).unwrap();
+    let drops = lb.stat(Stat::DropNoBackend).unwrap() - drops_before;
+    println!("drop: {dropped:?}, drop_no_backend counted {drops}");
+    assert_eq!(dropped.failures, 20, "with drop, new connections fail");
+    assert!(
+        drops >= 20,
+        "each failed SYN (and its retransmits) is a counted drop: {drops}"
+    );
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing() {
+    if !root_or_skip("an_invalid_reload_changes_nothing") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    let check = health_port_check();
+    let good = config(
+        &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+        &check,
+        "fail_open",
+    );
+    let mut lb = topo.start_lb(&good).unwrap();
+    let stream = NewConnections::start(&topo.client, WEB, Duration::from_millis(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    for bad in [
+        good.replace("table_size: 65537", "table_size: 65536"), // invalid
+        good.replace("table_size: 65537", "table_size: 257"),   // valid, but fixed while running
+        good.replace("weight: 1, state: active }\n", "weight: 0 }\n"),
+    ] {
+        let rejected = lb.log().matches("reload rejected").count();
+        lb.write_config(&bad).unwrap();
+        lb.sighup().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lb.log().matches("reload rejected").count() == rejected {
+            assert!(
+                Instant::now() < deadline,
+                "no rejection logged for {bad}:\n{}",
+                lb.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(lb.is_running(), "lb keeps running");
+    }
+    let attempts = stream.finish().unwrap();
+    println!(
+        "{} new connections during bad reloads, {} failed",
+        attempts.len(),
+        failed(&attempts)
+    );
+    assert_eq!(failed(&attempts), 0, "traffic unaffected");
+    assert!(!lb.log().contains("config reloaded"));
+    let by: std::collections::BTreeSet<_> =
+        attempts.iter().filter_map(|a| a.backend.clone()).collect();
+    assert_eq!(
+        by.len(),
+        3,
+        "the running table still spreads over all three: {by:?}"
+    );
+}
+
+#[test]
+fn kill_9_and_restart_drop_nothing() {
+    if !root_or_skip("kill_9_and_restart_drop_nothing") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    let check = health_port_check();
+    let mut lb = topo
+        .start_lb(&config(
+            &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+            &check,
+            "fail_open",
+        ))
+        .unwrap();
+    let conns = LongLived::open(&topo.client, WEB, 200).unwrap();
+    let stream = NewConnections::start(&topo.client, WEB, Duration::from_millis(10)).unwrap();
+
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        lb.kill9().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        lb.restart().unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let attempts = stream.finish().unwrap();
+    let report = conns.finish();
+    println!(
+        "5 kill -9 restarts: {} long-lived connections ({} broken), {} new connections ({} failed)",
+        report.len(),
+        broken(&report).len(),
+        attempts.len(),
+        failed(&attempts)
+    );
+    assert_eq!(
+        lb.log()
+            .matches("adopting the pinned program state")
+            .count(),
+        5
+    );
+    assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
+    assert_eq!(failed(&attempts), 0);
+}
