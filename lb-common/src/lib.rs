@@ -42,8 +42,21 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// Each VIP owns two table halves: the active one and the one being rebuilt.
 pub const TABLE_HALVES: u32 = 2;
 /// Placeholder size of the `MAGLEV` array in the object file. Userspace resizes
-/// it at load time to `MAX_VIPS * TABLE_HALVES * table_size`.
+/// it at load time to [`maglev_entries`].
 pub const MAGLEV_DEFAULT_ENTRIES: u32 = 1;
+/// One element of the `MAGLEV` array: two consecutive slots. The kernel
+/// stores array elements 8-byte aligned, so a lone `u32` would waste half the
+/// memory; packed in pairs, slot `i` is `MAGLEV[i / 2][i % 2]` and the mapped
+/// array reads as a plain `[u32]`.
+pub type SlotPair = [u32; 2];
+
+/// Elements of the `MAGLEV` array for `max_vips` VIPs of `table_size` slots.
+pub const fn maglev_entries(max_vips: u32, table_size: u32) -> u32 {
+    (max_vips * TABLE_HALVES * table_size).div_ceil(2)
+}
+/// Flags of the `MAGLEV` array: `BPF_F_MMAPABLE`, so userspace writes a whole
+/// table half with one memory copy instead of a system call per slot.
+pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
 /// Placeholder size of the `FLOWS` LRU map; userspace sizes it at load time.
 pub const FLOWS_DEFAULT_ENTRIES: u32 = 1024;
 /// A Maglev slot holding this value has no backend (only in a table built from

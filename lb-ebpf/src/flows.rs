@@ -72,7 +72,8 @@ pub fn backend_for(flow: &Flow, vip: &VipEntry) -> Result<u32, Verdict> {
         seed,
     );
     let slot = vip.table_base + hash % vip.table_size.max(1);
-    let backend_id = *MAGLEV.get(slot).ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let pair = MAGLEV.get(slot / 2).ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let backend_id = pair[(slot & 1) as usize];
     if backend_id == NO_BACKEND {
         return Err(Verdict::Drop(Stat::DropNoBackend));
     }

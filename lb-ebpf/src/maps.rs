@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendEntry, FLOWS_DEFAULT_ENTRIES, FlowEntry, FlowKey, GlobalConfig, MAGLEV_DEFAULT_ENTRIES,
-    MAX_BACKENDS, MAX_VIPS, STAT_COUNT, Traffic, VipEntry, VipKey,
+    MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, STAT_COUNT, SlotPair, Traffic, VipEntry, VipKey,
 };
 
 /// (address, port, protocol) -> VIP id, active table half, forwarding mode.
@@ -19,11 +19,14 @@ pub static VIPS: HashMap<VipKey, VipEntry> = HashMap::with_max_entries(MAX_VIPS,
 #[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// All Maglev tables, back to back: VIP `v`, half `h` starts at
-/// `(v * TABLE_HALVES + h) * table_size`. Each slot holds a backend id.
-/// Resized by userspace at load time to fit the configured table size.
+/// All Maglev tables, back to back: VIP `v`, half `h` starts at slot
+/// `(v * TABLE_HALVES + h) * table_size`. Each slot holds a backend id; two
+/// slots per element (see `lb_common::SlotPair`).
+/// Resized by userspace at load time to fit the configured table size, and
+/// memory-mapped by it to write table halves.
 #[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, 0);
+pub static MAGLEV: Array<SlotPair> =
+    Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS);
 
 /// 5-tuple -> backend of each established flow, shared by all CPUs (a flow
 /// may arrive on any queue). LRU: the least recently used flows make room.

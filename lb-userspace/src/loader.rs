@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendEntry, FlowEntry, FlowKey, GlobalConfig, PROGRAM_NAME, TABLE_HALVES, Traffic, VipEntry,
-    VipKey, map_names,
+    BackendEntry, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS, PROGRAM_NAME, SlotPair,
+    Traffic, VipEntry, VipKey, map_names,
 };
 
 /// The XDP object built by build.rs from lb-ebpf.
@@ -76,26 +76,31 @@ pub struct Sizes {
 
 impl Sizes {
     fn maglev_entries(&self) -> u32 {
-        self.max_vips * TABLE_HALVES * self.table_size
+        lb_common::maglev_entries(self.max_vips, self.table_size)
     }
 
-    /// (key size, value size, max entries if sized at load) of each map.
-    fn expected(&self, map: &str) -> (usize, usize, Option<u32>) {
-        match map {
-            map_names::VIPS => (size_of::<VipKey>(), size_of::<VipEntry>(), None),
-            map_names::BACKENDS => (4, size_of::<BackendEntry>(), None),
-            map_names::MAGLEV => (4, 4, Some(self.maglev_entries())),
-            map_names::CONFIG => (4, size_of::<GlobalConfig>(), None),
-            map_names::STATS => (4, 8, None),
-            map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None),
-            map_names::FLOWS => (
-                size_of::<FlowKey>(),
-                size_of::<FlowEntry>(),
-                Some(self.max_flows),
-            ),
-            _ => (0, 0, None),
-        }
+    /// What this build and these sizes expect of each map.
+    fn layout(&self, map: &str) -> Layout {
+        let (key, value, entries, flags) = match map {
+            map_names::VIPS => (size_of::<VipKey>(), size_of::<VipEntry>(), None, 0),
+            map_names::BACKENDS => (4, size_of::<BackendEntry>(), None, 0),
+            map_names::MAGLEV => (4, size_of::<SlotPair>(), Some(self.maglev_entries()), MAGLEV_MAP_FLAGS),
+            map_names::CONFIG => (4, size_of::<GlobalConfig>(), None, 0),
+            map_names::STATS => (4, 8, None, 0),
+            map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None, 0),
+            map_names::FLOWS => (size_of::<FlowKey>(), size_of::<FlowEntry>(), Some(self.max_flows), 0),
+            _ => (0, 0, None, 0),
+        };
+        Layout { key: key as u32, value: value as u32, entries, flags }
     }
+}
+
+/// Key and value sizes, capacity (for maps sized at load) and flags of a map.
+struct Layout {
+    key: u32,
+    value: u32,
+    entries: Option<u32>,
+    flags: u32,
 }
 
 fn map_pin(dir: &Path, map: &str) -> PathBuf {
@@ -126,7 +131,7 @@ pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         for map in map_names::ALL {
             let path = map_pin(dir, map);
             if path.exists() {
-                check_pinned(&path, sizes.expected(map))?;
+                check_pinned(&path, sizes.layout(map))?;
             }
             loader.map_pin_path(map, path);
         }
@@ -136,30 +141,23 @@ pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     Ok(ebpf)
 }
 
-fn check_pinned(
-    path: &Path,
-    (key, value, entries): (usize, usize, Option<u32>),
-) -> Result<(), LoadError> {
+fn check_pinned(path: &Path, want: Layout) -> Result<(), LoadError> {
     let info = MapInfo::from_pin(path).map_err(|e| LoadError::Io {
         path: path.to_owned(),
         source: io::Error::other(e.to_string()),
     })?;
-    let mismatch = |what, found, wanted| LoadError::PinMismatch {
-        path: path.to_owned(),
-        what,
-        found,
-        wanted,
-    };
-    if info.key_size() != key as u32 {
-        return Err(mismatch("key size", info.key_size(), key as u32));
-    }
-    if info.value_size() != value as u32 {
-        return Err(mismatch("value size", info.value_size(), value as u32));
-    }
-    if let Some(n) = entries
-        && info.max_entries() != n
-    {
-        return Err(mismatch("max entries", info.max_entries(), n));
+    let checks = [
+        ("key size", info.key_size(), Some(want.key)),
+        ("value size", info.value_size(), Some(want.value)),
+        ("max entries", info.max_entries(), want.entries),
+        ("flags", info.map_flags(), Some(want.flags)),
+    ];
+    for (what, found, wanted) in checks {
+        if let Some(wanted) = wanted
+            && found != wanted
+        {
+            return Err(LoadError::PinMismatch { path: path.to_owned(), what, found, wanted });
+        }
     }
     Ok(())
 }

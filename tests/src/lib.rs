@@ -2,6 +2,7 @@
 //! namespaces, the L2 direct-server-return topology, backend servers, client
 //! traffic, and a BPF_PROG_TEST_RUN harness for the XDP program.
 
+pub mod bench;
 pub mod netns;
 pub mod packet;
 pub mod root;

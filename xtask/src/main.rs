@@ -31,6 +31,9 @@ enum Task {
     Test,
     /// Set up, build, and run the demo topology in network namespaces.
     Demo,
+    /// Set up, build (release), and run the benchmark; writes
+    /// target/bench/results.json.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test => setup().and_then(|()| test()),
         Task::Demo => setup().and_then(|()| demo()),
+        Task::Bench => setup().and_then(|()| bench()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,4 +148,11 @@ fn demo() -> anyhow::Result<()> {
     }
     run(cargo().args(["build", "--package", "lb-userspace", "--bins"]))?;
     run(cargo().args(["run", "--quiet", "--package", "lb-tests", "--bin", "demo"]))
+}
+
+fn bench() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads XDP programs and creates network namespaces: run it as root");
+    }
+    run(cargo().args(["run", "--release", "--quiet", "--package", "lb-tests", "--bin", "bench"]))
 }

@@ -15,8 +15,7 @@ use super::{Counters, Dataplane, DataplaneError, Snapshot};
 pub struct AyaDataplane {
     vips: HashMap<MapData, VipKey, VipEntry>,
     backends: Array<MapData, BackendEntry>,
-    maglev: Array<MapData, u32>,
-    maglev_capacity: u32,
+    maglev: MappedSlots,
     config: Array<MapData, GlobalConfig>,
     stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, Traffic>,
@@ -36,11 +35,15 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 impl AyaDataplane {
     /// Takes the maps out of a loaded object.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        let maglev: Array<MapData, u32> = take(ebpf, map_names::MAGLEV)?;
+        let maglev = match ebpf.take_map(map_names::MAGLEV) {
+            Some(aya::maps::Map::Array(data)) if data.info().is_ok_and(|i| i.value_size() == 8) => {
+                MappedSlots::new(data)?
+            }
+            _ => return Err(DataplaneError::MissingMap { map: map_names::MAGLEV }),
+        };
         Ok(Self {
             vips: take(ebpf, map_names::VIPS)?,
             backends: take(ebpf, map_names::BACKENDS)?,
-            maglev_capacity: maglev.len(),
             maglev,
             config: take(ebpf, map_names::CONFIG)?,
             stats: take(ebpf, map_names::STATS)?,
@@ -84,20 +87,7 @@ impl Dataplane for AyaDataplane {
     }
 
     fn write_table(&mut self, base: u32, slots: &[u32]) -> Result<(), DataplaneError> {
-        let fits = (base as u64 + slots.len() as u64) <= self.maglev_capacity as u64;
-        if !fits {
-            return Err(DataplaneError::TableOutOfRange {
-                base,
-                len: slots.len(),
-                capacity: self.maglev_capacity,
-            });
-        }
-        for (i, &backend) in slots.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, backend, 0)
-                .map_err(map_err(map_names::MAGLEV))?;
-        }
-        Ok(())
+        self.maglev.write(base, slots)
     }
 
     fn set_vip(&mut self, key: VipKey, entry: VipEntry) -> Result<(), DataplaneError> {
@@ -143,3 +133,69 @@ impl Dataplane for AyaDataplane {
         Ok((vips, backends))
     }
 }
+
+/// The `MAGLEV` array (created with `BPF_F_MMAPABLE`) mapped into this
+/// process: a table half is written with one copy. The program may read any
+/// slot at any time, but only of the half its VIP entry names, and userspace
+/// only writes the other half, so plain stores suffice; the VIP entry update
+/// that follows is a system call, which orders them before it.
+struct MappedSlots {
+    ptr: std::ptr::NonNull<u32>,
+    len: usize,
+    bytes: usize,
+    /// Keeps the map (and so the mapping's object) alive.
+    _map: MapData,
+}
+
+impl MappedSlots {
+    fn new(map: MapData) -> Result<Self, DataplaneError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let info = map.info().map_err(map_err(map_names::MAGLEV))?;
+        // Slots (u32), two per element.
+        let len = info.max_entries() as usize * 2;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let bytes = (len * 4).div_ceil(page) * page;
+        // SAFETY: maps `bytes` of the map's memory, shared with the kernel;
+        // the fd is valid for the call and the mapping outlives it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u32>()).ok_or(DataplaneError::Mmap(std::io::Error::other("null mapping")))?;
+        Ok(Self { ptr, len, bytes, _map: map })
+    }
+
+    fn write(&mut self, base: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        let start = base as usize;
+        if start + slots.len() > self.len {
+            return Err(DataplaneError::TableOutOfRange { base, len: slots.len(), capacity: self.len as u32 });
+        }
+        // SAFETY: the range was checked against the mapping's length above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(slots.as_ptr(), self.ptr.as_ptr().add(start), slots.len());
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MappedSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+// SAFETY: the mapping is owned by this value and only written through
+// `&mut self`.
+unsafe impl Send for MappedSlots {}

@@ -16,6 +16,8 @@ pub enum DataplaneError {
     },
     #[error("map {map} is missing from the eBPF object")]
     MissingMap { map: &'static str },
+    #[error("mapping the Maglev map: {0}")]
+    Mmap(std::io::Error),
     #[error("table of {len} slots at {base} does not fit the Maglev map ({capacity} slots)")]
     TableOutOfRange {
         base: u32,
