@@ -18,9 +18,10 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const FLOWS: &str = "FLOWS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -29,6 +30,7 @@ pub mod map_names {
         VIP_STATS,
         BACKEND_STATS,
         FLOWS,
+        VIP_FILTER,
     ];
 }
 
@@ -66,21 +68,19 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Address family tag stored in keys and values.
-pub const FAMILY_V4: u8 = 4;
-
-/// Key of the `VIPS` hash map.
+/// Key of the `VIPS` hash map (IPv4 VIPs).
 ///
-/// `addr` holds an IPv4 address in its first word (network byte order, as it
-/// sits in the packet) and zeroes elsewhere; the four words leave room for IPv6.
+/// Kept to 8 bytes: the key is hashed and compared on every packet, and the
+/// hash's cost grows with its length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
-    pub addr: [u32; 4],
+    /// IPv4 address, network byte order (as it sits in the packet).
+    pub addr: u32,
     /// Destination port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub family: u8,
+    pub _pad: u8,
 }
 
 /// Value of the `VIPS` hash map.
@@ -106,8 +106,8 @@ pub const FORWARD_L2: u32 = 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendEntry {
-    /// Backend address, same layout as [`VipKey::addr`].
-    pub addr: [u32; 4],
+    /// Backend address, network byte order.
+    pub addr: u32,
     /// MAC of the backend (or of the next hop towards it).
     pub dst_mac: [u8; 6],
     /// MAC of the interface the frame leaves through.
@@ -118,8 +118,11 @@ pub struct BackendEntry {
     /// `BACKEND_F_*` bits.
     pub flags: u32,
     /// The VIP this backend belongs to (each (VIP, address) pair has its own
-    /// id); lets a restarted control plane rebuild its bookkeeping.
+    /// id): where a flow-table hit counts its VIP traffic, and what a
+    /// restarted control plane rebuilds its bookkeeping from.
     pub vip_id: u32,
+    /// The VIP's `FORWARD_*` mode, so a flow-table hit needs no VIP lookup.
+    pub forwarding: u32,
     /// Bumped by userspace whenever the id is given to a new (VIP, address)
     /// pair. A flow remembers the generation it was placed with, so a flow of
     /// a removed backend never follows its id to whoever reuses it.
@@ -134,19 +137,38 @@ pub const BACKEND_F_RESOLVED: u32 = 1;
 /// Without it the flow table's entry is ignored and the flow re-placed.
 pub const BACKEND_F_KEEP_FLOWS: u32 = 2;
 
-/// Key of the `FLOWS` LRU hash: the 5-tuple as it sits in the packet.
+/// Key of the `FLOWS` LRU hash: the IPv4 5-tuple as it sits in the packet
+/// (16 bytes, for the same reason as [`VipKey`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Same layout as [`VipKey::addr`].
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    /// Ports, network byte order.
+    /// Addresses and ports, network byte order.
+    pub src: u32,
+    pub dst: u32,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub family: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
+}
+
+/// Flags of the `FLOWS` map: `BPF_F_NO_COMMON_LRU`. Each CPU keeps its own
+/// LRU lists (and `max_flows / CPUs` of the capacity), so inserting a flow
+/// takes no lock shared between CPUs; measured, this makes a new flow's
+/// insert markedly cheaper. The hash table itself is shared, so a flow is
+/// found from any CPU.
+pub const FLOWS_MAP_FLAGS: u32 = 1 << 1;
+
+/// Words of the `VIP_FILTER` bitmap (64 bits each).
+pub const VIP_FILTER_WORDS: u32 = 64;
+
+/// Where an IPv4 destination's bit sits in `VIP_FILTER`: (word, mask). The
+/// program passes a packet whose bit is clear without any hash lookup; a set
+/// bit means "perhaps a VIP" (addresses may share a bit).
+#[inline(always)]
+pub fn vip_filter_bit(addr: u32) -> (u32, u64) {
+    // Fibonacci hashing: the top 12 bits of the product select one of 4096.
+    let h = addr.wrapping_mul(0x9e37_79b1) >> 20;
+    (h >> 6, 1u64 << (h & 63))
 }
 
 /// Value of the `FLOWS` LRU hash: where an established flow goes.
@@ -186,7 +208,10 @@ pub struct Traffic {
 macro_rules! stats {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal, )+) => {
         /// Index of a global counter in the per-CPU `STATS` array: one per XDP
-        /// action, then one per reason a packet was passed or dropped.
+        /// action, then one per reason a packet was passed or dropped, then
+        /// the flow-table results. The program counts a passed or dropped
+        /// packet once, under its reason; userspace derives `ActionPass` and
+        /// `ActionDrop` as the sums of their reasons (see [`Stat::action`]).
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
         pub enum Stat {
@@ -198,6 +223,19 @@ macro_rules! stats {
             /// Stable lowercase name, used as a log field and metric label.
             pub const fn name(self) -> &'static str {
                 match self { $(Stat::$variant => $name),+ }
+            }
+
+            /// The action a pass or drop reason belongs to (by naming
+            /// convention: `pass_*` and `drop_*`).
+            pub fn action(self) -> Option<Stat> {
+                let name = self.name();
+                if name.starts_with("pass_") {
+                    Some(Stat::ActionPass)
+                } else if name.starts_with("drop_") {
+                    Some(Stat::ActionDrop)
+                } else {
+                    None
+                }
             }
         }
     };
@@ -246,6 +284,10 @@ stats! {
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
 
+/// The only element of the per-CPU `STATS` array: every global counter, so a
+/// packet's counting costs one map lookup however many counters it moves.
+pub type StatBlock = [u64; STAT_COUNT as usize];
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
@@ -260,10 +302,10 @@ mod pod {
 }
 
 // Sizes are the sum of the fields: no implicit padding anywhere.
-const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
 const _: () = assert!(core::mem::size_of::<VipEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<BackendEntry>() == 44);
+const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<Traffic>() == 16);

@@ -1,68 +1,90 @@
 //! Flow placement: the flow table keeps established flows on their backend;
 //! everything else is placed by the VIP's Maglev table and remembered.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, FAMILY_V4, FlowEntry, FlowKey, IPPROTO_UDP, NO_BACKEND, Stat,
-    UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, hash::flow_hash_v4,
+    BACKEND_F_KEEP_FLOWS, BackendEntry, FlowEntry, FlowKey, IPPROTO_UDP, NO_BACKEND, Stat,
+    UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, VipKey, hash::flow_hash_v4,
 };
 
 use crate::{
-    Verdict, count,
-    maps::{BACKENDS, CONFIG, FLOWS, MAGLEV},
+    Verdict,
+    maps::{BACKENDS, CONFIG, FLOWS, MAGLEV, VIPS},
     packet::Flow,
 };
 
-/// The backend id for this packet's flow.
+/// What the flow table says about a packet.
+pub enum Lookup {
+    /// An established flow whose backend may keep it.
+    Hit { backend_id: u32, backend: &'static BackendEntry },
+    /// No live entry: the flow must be placed. `outcome` is the flow-table
+    /// counter to move once the packet is known to be for a VIP.
+    Miss { outcome: Stat, key: FlowKey, now: u64 },
+}
+
 #[inline(always)]
-pub fn backend_for(flow: &Flow, vip: &VipEntry) -> Result<u32, Verdict> {
+pub fn lookup(flow: &Flow) -> Lookup {
     let key = FlowKey {
-        src: [u32::from_ne_bytes(flow.src), 0, 0, 0],
-        dst: [u32::from_ne_bytes(flow.dst), 0, 0, 0],
+        src: u32::from_ne_bytes(flow.src),
+        dst: u32::from_ne_bytes(flow.dst),
         sport: flow.sport.to_be(),
         dport: flow.dport.to_be(),
         proto: flow.proto,
-        family: FAMILY_V4,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
-    let config = CONFIG.get(0);
     let udp = flow.proto == IPPROTO_UDP;
     // Only UDP flows age; TCP flows leave the LRU table when it needs room.
+    // The coarse clock (tick resolution) is plenty for timeouts of seconds
+    // and far cheaper to read than the precise one.
     // SAFETY: plain helper call.
-    let now = if udp {
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        0
-    };
+    let now = if udp { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
 
-    let miss = if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: pointer into the map's value, valid for this program run.
-        let entry = unsafe { &mut *entry };
-        let idle = now.wrapping_sub(entry.last_seen_ns);
-        let expired = udp && idle > config.map_or(u64::MAX, |c| c.udp_idle_timeout_ns);
-        if !expired {
-            if let Some(b) = BACKENDS.get(entry.backend_id)
-                && b.generation == entry.generation
-                && b.flags & BACKEND_F_KEEP_FLOWS != 0
-            {
-                count(Stat::FlowHit);
-                if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS {
-                    entry.last_seen_ns = now;
-                }
-                return Ok(entry.backend_id);
+    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
+        let outcome = if flow.opens { Stat::FlowMissSyn } else { Stat::FlowMissNonSyn };
+        return Lookup::Miss { outcome, key, now };
+    };
+    // SAFETY: pointer into the map's value, valid for this program run.
+    let entry = unsafe { &mut *entry };
+    let idle = now.wrapping_sub(entry.last_seen_ns);
+    if udp && idle > CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns) {
+        return Lookup::Miss { outcome: Stat::FlowMissSyn, key, now };
+    }
+    match BACKENDS.get(entry.backend_id) {
+        Some(b) if b.generation == entry.generation && b.flags & BACKEND_F_KEEP_FLOWS != 0 => {
+            if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS {
+                entry.last_seen_ns = now;
             }
-            Stat::FlowReplaced
-        } else {
-            Stat::FlowMissSyn
+            Lookup::Hit { backend_id: entry.backend_id, backend: b }
         }
-    } else if flow.opens {
-        Stat::FlowMissSyn
-    } else {
-        Stat::FlowMissNonSyn
-    };
-    count(miss);
+        _ => Lookup::Miss { outcome: Stat::FlowReplaced, key, now },
+    }
+}
 
-    let seed = config.map_or(0, |c| c.hash_seed);
+/// The VIP the packet is addressed to.
+#[inline(always)]
+pub fn vip(flow: &Flow) -> Result<VipEntry, Verdict> {
+    let key = VipKey {
+        addr: u32::from_ne_bytes(flow.dst),
+        port: flow.dport.to_be(),
+        proto: flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is only read, and copied before any other map call.
+    unsafe { VIPS.get(&key) }
+        .copied()
+        .ok_or(Verdict::Pass(Stat::PassNotVip))
+}
+
+/// Places a new (or re-placed) flow with the VIP's Maglev table and remembers
+/// it.
+#[inline(always)]
+pub fn place(
+    flow: &Flow,
+    key: &FlowKey,
+    vip: &VipEntry,
+    now: u64,
+) -> Result<(u32, &'static BackendEntry), Verdict> {
+    let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
     let hash = flow_hash_v4(
         u32::from_be_bytes(flow.src),
         u32::from_be_bytes(flow.dst),
@@ -77,17 +99,12 @@ pub fn backend_for(flow: &Flow, vip: &VipEntry) -> Result<u32, Verdict> {
     if backend_id == NO_BACKEND {
         return Err(Verdict::Drop(Stat::DropNoBackend));
     }
-    let generation = BACKENDS
+    let backend = BACKENDS
         .get(backend_id)
-        .ok_or(Verdict::Drop(Stat::DropInternal))?
-        .generation;
-    let entry = FlowEntry {
-        backend_id,
-        generation,
-        last_seen_ns: now,
-    };
+        .ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let entry = FlowEntry { backend_id, generation: backend.generation, last_seen_ns: now };
     // A full table evicts its least recently used entry; failure to insert
     // only costs this flow its stickiness, so the packet is still forwarded.
-    let _ = FLOWS.insert(&key, &entry, 0);
-    Ok(backend_id)
+    let _ = FLOWS.insert(key, &entry, 0);
+    Ok((backend_id, backend))
 }

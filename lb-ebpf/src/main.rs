@@ -1,9 +1,11 @@
-//! The load balancer's XDP program: parse, look up the VIP, keep established
-//! flows on their backend through the flow table, place new flows with the
-//! VIP's Maglev table, rewrite the Ethernet header and send the frame on
-//! (direct server return: the IP packet is not touched, the backend holds the
-//! VIP and answers the client itself). Every packet ends in exactly one action
-//! counter and, unless forwarded, one reason counter.
+//! The load balancer's XDP program: parse, skip what is surely not for a VIP,
+//! keep established flows on their backend through the flow table, place new
+//! flows with the VIP's Maglev table, rewrite the Ethernet header and send the
+//! frame on (direct server return: the IP packet is not touched, the backend
+//! holds the VIP and answers the client itself).
+//!
+//! Every packet moves exactly one verdict counter: its pass or drop reason, or
+//! its action when forwarded (userspace sums reasons into action totals).
 #![no_std]
 #![no_main]
 
@@ -13,9 +15,12 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{FAMILY_V4, FORWARD_L2, Stat, Traffic, VipKey};
+use lb_common::{FORWARD_L2, Stat, StatBlock, Traffic, vip_filter_bit};
 
-use crate::maps::{BACKEND_STATS, BACKENDS, STATS, VIP_STATS, VIPS};
+use crate::{
+    flows::Lookup,
+    maps::{BACKEND_STATS, STATS, VIP_FILTER, VIP_STATS},
+};
 
 /// What happens to a packet, with the reason when it is not forwarded.
 pub enum Verdict {
@@ -27,28 +32,33 @@ pub enum Verdict {
 
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
-    let verdict = match balance(&ctx) {
+    // The element always exists; without it nothing could be counted, so the
+    // packet goes to the kernel untouched.
+    let Some(stats) = STATS.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: per-CPU element, written only by this CPU while it runs us.
+    let stats = unsafe { &mut *stats };
+    let verdict = match balance(&ctx, stats) {
         Ok(v) | Err(v) => v,
     };
     match verdict {
         Verdict::Pass(reason) => {
-            count(reason);
-            count(Stat::ActionPass);
+            bump(stats, reason);
             xdp_action::XDP_PASS
         }
         Verdict::Drop(reason) => {
-            count(reason);
-            count(Stat::ActionDrop);
+            bump(stats, reason);
             xdp_action::XDP_DROP
         }
         Verdict::Tx => {
-            count(Stat::ActionTx);
+            bump(stats, Stat::ActionTx);
             xdp_action::XDP_TX
         }
         Verdict::Redirect(ifindex) => {
             // SAFETY: plain helper call; flags 0 is always valid.
             let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-            count(if action == xdp_action::XDP_REDIRECT {
+            bump(stats, if action == xdp_action::XDP_REDIRECT {
                 Stat::ActionRedirect
             } else {
                 Stat::ActionAborted
@@ -59,24 +69,28 @@ pub fn lb(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> {
     let flow = packet::parse(ctx)?;
-    let key = VipKey {
-        addr: [u32::from_ne_bytes(flow.dst), 0, 0, 0],
-        port: flow.dport.to_be(),
-        proto: flow.proto,
-        family: FAMILY_V4,
-    };
-    // SAFETY: the value is only read, and copied before any other map call.
-    let vip = *unsafe { VIPS.get(&key) }.ok_or(Verdict::Pass(Stat::PassNotVip))?;
+    let (word, bit) = vip_filter_bit(u32::from_ne_bytes(flow.dst));
+    if VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Verdict::Pass(Stat::PassNotVip));
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    add_traffic(&VIP_STATS, vip.id, bytes);
 
-    let backend_id = flows::backend_for(&flow, &vip)?;
-    let backend = BACKENDS
-        .get(backend_id)
-        .ok_or(Verdict::Drop(Stat::DropInternal))?;
-    let verdict = match vip.forwarding {
+    let (backend_id, backend) = match flows::lookup(&flow) {
+        Lookup::Hit { backend_id, backend } => {
+            bump(stats, Stat::FlowHit);
+            add_traffic(&VIP_STATS, backend.vip_id, bytes);
+            (backend_id, backend)
+        }
+        Lookup::Miss { outcome, key, now } => {
+            let vip = flows::vip(&flow)?;
+            bump(stats, outcome);
+            add_traffic(&VIP_STATS, vip.id, bytes);
+            flows::place(&flow, &key, &vip, now)?
+        }
+    };
+    let verdict = match backend.forwarding {
         FORWARD_L2 => forward::l2(ctx, backend)?,
         // Userspace only writes modes this program knows.
         _ => return Err(Verdict::Drop(Stat::DropInternal)),
@@ -86,10 +100,9 @@ fn balance(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 }
 
 #[inline(always)]
-pub fn count(stat: Stat) {
-    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *counter += 1 };
+pub fn bump(stats: &mut StatBlock, stat: Stat) {
+    if let Some(c) = stats.get_mut(stat as usize) {
+        *c += 1;
     }
 }
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, FLOWS_DEFAULT_ENTRIES, FlowEntry, FlowKey, GlobalConfig, MAGLEV_DEFAULT_ENTRIES,
-    MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, STAT_COUNT, SlotPair, Traffic, VipEntry, VipKey,
+    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_DEFAULT_ENTRIES,
+    MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic, VIP_FILTER_WORDS,
+    VipEntry, VipKey,
 };
 
 /// (address, port, protocol) -> VIP id, active table half, forwarding mode.
@@ -29,19 +30,25 @@ pub static MAGLEV: Array<SlotPair> =
     Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS);
 
 /// 5-tuple -> backend of each established flow, shared by all CPUs (a flow
-/// may arrive on any queue). LRU: the least recently used flows make room.
+/// may arrive on any queue). LRU: the least recently used flows make room
+/// (lists per CPU, see `lb_common::FLOWS_MAP_FLAGS`).
 /// Resized by userspace at load time. The program is its only writer.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, 0);
+    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
 
 /// Settings shared by every VIP (one element).
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
-/// One counter per XDP action and per pass/drop reason (`lb_common::Stat`).
+/// Every global counter (`lb_common::Stat`) in one per-CPU element.
 #[map]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+pub static STATS: PerCpuArray<StatBlock> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bitmap over VIP destination addresses (`lb_common::vip_filter_bit`): a
+/// packet whose bit is clear is not for a VIP and passes without a hash lookup.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// Packets and bytes per VIP id, every packet that matched the VIP.
 #[map]

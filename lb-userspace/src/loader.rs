@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendEntry, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS, PROGRAM_NAME, SlotPair,
+    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS, PROGRAM_NAME, SlotPair, StatBlock,
     Traffic, VipEntry, VipKey, map_names,
 };
 
@@ -86,9 +86,10 @@ impl Sizes {
             map_names::BACKENDS => (4, size_of::<BackendEntry>(), None, 0),
             map_names::MAGLEV => (4, size_of::<SlotPair>(), Some(self.maglev_entries()), MAGLEV_MAP_FLAGS),
             map_names::CONFIG => (4, size_of::<GlobalConfig>(), None, 0),
-            map_names::STATS => (4, 8, None, 0),
+            map_names::STATS => (4, size_of::<StatBlock>(), None, 0),
+            map_names::VIP_FILTER => (4, 8, None, 0),
             map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None, 0),
-            map_names::FLOWS => (size_of::<FlowKey>(), size_of::<FlowEntry>(), Some(self.max_flows), 0),
+            map_names::FLOWS => (size_of::<FlowKey>(), size_of::<FlowEntry>(), Some(self.max_flows), FLOWS_MAP_FLAGS),
             _ => (0, 0, None, 0),
         };
         Layout { key: key as u32, value: value as u32, entries, flags }

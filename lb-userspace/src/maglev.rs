@@ -47,39 +47,51 @@ impl Table {
 pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
     let mut sorted: Vec<Weighted> = backends.to_vec();
     sorted.sort_by_key(|b| b.address);
-    let m = table_size as u64;
-    let mut slots = vec![lb_common::NO_BACKEND; table_size as usize];
-    let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(0) as u64;
-    if max_weight == 0 || m == 0 {
-        return Table {
-            backends: sorted,
-            slots,
-        };
+    let m = table_size;
+    let mut slots = vec![lb_common::NO_BACKEND; m as usize];
+    let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(0);
+    if max_weight == 0 || m < 2 {
+        return Table { backends: sorted, slots };
     }
 
-    // Each backend's permutation is offset + j * skip (mod m); `next` is the
-    // position of its current candidate slot.
-    let mut next: Vec<u64> = Vec::with_capacity(sorted.len());
-    let mut skip: Vec<u64> = Vec::with_capacity(sorted.len());
-    for b in &sorted {
-        let key = [b.address.to_bits()];
-        next.push(hash_words(&key, seed) as u64 % m);
-        skip.push(hash_words(&key, seed ^ SKIP_SALT) as u64 % (m - 1) + 1);
+    // Each backend walks its permutation offset + j * skip (mod m); `next` is
+    // its current candidate slot. One struct per backend keeps the walk's
+    // state in one cache line, and the step is an add and a conditional
+    // subtract rather than a division: this loop runs about m * ln(m) times.
+    struct Walk {
+        next: u32,
+        skip: u32,
+        credit: u32,
+        weight: u32,
     }
-    let mut credit = vec![0u64; sorted.len()];
-    let mut filled = 0u64;
+    let mut walks: Vec<Walk> = sorted
+        .iter()
+        .map(|b| {
+            let key = [b.address.to_bits()];
+            Walk {
+                next: hash_words(&key, seed) % m,
+                skip: hash_words(&key, seed ^ SKIP_SALT) % (m - 1) + 1,
+                credit: 0,
+                weight: b.weight,
+            }
+        })
+        .collect();
+    let mut filled = 0u32;
     loop {
-        for (i, b) in sorted.iter().enumerate() {
-            credit[i] += b.weight as u64;
-            if credit[i] < max_weight {
+        for (i, w) in walks.iter_mut().enumerate() {
+            w.credit += w.weight;
+            if w.credit < max_weight {
                 continue;
             }
-            credit[i] -= max_weight;
+            w.credit -= max_weight;
             // Walk the permutation to the first free slot. Since m is prime and
             // skip < m, the walk visits every slot, so it terminates.
             loop {
-                let c = next[i] as usize;
-                next[i] = (next[i] + skip[i]) % m;
+                let c = w.next as usize;
+                w.next += w.skip;
+                if w.next >= m {
+                    w.next -= m;
+                }
                 if slots[c] == lb_common::NO_BACKEND {
                     slots[c] = i as u32;
                     break;
@@ -87,10 +99,7 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
             }
             filled += 1;
             if filled == m {
-                return Table {
-                    backends: sorted,
-                    slots,
-                };
+                return Table { backends: sorted, slots };
             }
         }
     }

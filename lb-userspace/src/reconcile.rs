@@ -13,13 +13,13 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FAMILY_V4, FORWARD_L2, GlobalConfig,
+    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_L2, GlobalConfig,
     TABLE_HALVES, Traffic, VipEntry, VipKey,
 };
 
 use crate::{
     config::{BackendState, Config, Forwarding, OnAllDown, Vip},
-    dataplane::{Counters, Dataplane, DataplaneError},
+    dataplane::{Counters, Dataplane, DataplaneError, VipFilter},
     maglev::{self, Weighted},
 };
 
@@ -46,15 +46,15 @@ pub type Health = BTreeMap<(VipKey, Ipv4Addr), bool>;
 
 pub fn vip_key(vip: &Vip) -> VipKey {
     VipKey {
-        addr: [u32::from_ne_bytes(vip.address.octets()), 0, 0, 0],
+        addr: u32::from_ne_bytes(vip.address.octets()),
         port: vip.port.to_be(),
         proto: vip.protocol.number(),
-        family: FAMILY_V4,
+        _pad: 0,
     }
 }
 
-fn addr_of(words: &[u32; 4]) -> Ipv4Addr {
-    Ipv4Addr::from(words[0].to_ne_bytes())
+fn addr_of(word: &u32) -> Ipv4Addr {
+    Ipv4Addr::from(word.to_ne_bytes())
 }
 
 /// What one VIP should look like given backend health.
@@ -159,6 +159,17 @@ pub struct Reconciler<D> {
     backends: BTreeMap<u32, BackendEntry>,
     /// Generation to give the next id allocation.
     next_generation: u32,
+    vip_filter: Option<VipFilter>,
+}
+
+/// The VIP destination bitmap for a set of VIP keys.
+fn vip_filter<'a>(keys: impl IntoIterator<Item = &'a VipKey>) -> VipFilter {
+    let mut words = [0u64; lb_common::VIP_FILTER_WORDS as usize];
+    for k in keys {
+        let (w, bit) = lb_common::vip_filter_bit(k.addr);
+        words[w as usize] |= bit;
+    }
+    words
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -174,6 +185,7 @@ impl<D: Dataplane> Reconciler<D> {
             backend_ids: BTreeMap::new(),
             backends: BTreeMap::new(),
             next_generation: 1,
+            vip_filter: None,
         }
     }
 
@@ -243,8 +255,11 @@ impl<D: Dataplane> Reconciler<D> {
             self.global = Some(global);
         }
 
-        // VIPs that are gone stop matching before their ids are reused.
+        // The filter admits old and new VIPs while they change, and only the
+        // new ones afterwards, so no VIP's packets are ever passed by it.
         let wanted: BTreeSet<VipKey> = config.vips.iter().map(vip_key).collect();
+        self.write_vip_filter(vip_filter(wanted.iter().chain(self.vips.keys())))?;
+        // VIPs that are gone stop matching before their ids are reused.
         let gone: Vec<VipKey> = self
             .vips
             .keys()
@@ -286,7 +301,16 @@ impl<D: Dataplane> Reconciler<D> {
             }
             self.backend_ids.remove(&k);
         }
+        self.write_vip_filter(vip_filter(&wanted))?;
         Ok(swaps)
+    }
+
+    fn write_vip_filter(&mut self, words: VipFilter) -> Result<(), ReconcileError> {
+        if self.vip_filter != Some(words) {
+            self.dp.set_vip_filter(&words)?;
+            self.vip_filter = Some(words);
+        }
+        Ok(())
     }
 
     fn backend_id(&mut self, key: VipKey, addr: Ipv4Addr) -> Result<(u32, u32), ReconcileError> {
@@ -318,17 +342,21 @@ impl<D: Dataplane> Reconciler<D> {
             None => lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?,
         };
 
+        let forwarding = match vip.forwarding {
+            Forwarding::L2 => FORWARD_L2,
+        };
         // Backend entries first: a table may only name ids whose entry exists.
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
             let (id, generation) = self.backend_id(key, b.address)?;
             let mut entry = BackendEntry {
-                addr: [u32::from_ne_bytes(b.address.octets()), 0, 0, 0],
+                addr: u32::from_ne_bytes(b.address.octets()),
                 dst_mac: [0; 6],
                 src_mac: [0; 6],
                 ifindex: 0,
                 flags: 0,
                 vip_id,
+                forwarding,
                 generation,
             };
             if let Some(n) = neighbours.get(&b.address) {
@@ -350,9 +378,6 @@ impl<D: Dataplane> Reconciler<D> {
             ids.insert(b.address, id);
         }
 
-        let forwarding = match vip.forwarding {
-            Forwarding::L2 => FORWARD_L2,
-        };
         let applied = self.vips.get(&key);
         let rebuild = applied.is_none_or(|a| a.members.as_ref() != Some(&plan.members));
         let half = match applied {
@@ -364,13 +389,12 @@ impl<D: Dataplane> Reconciler<D> {
         if rebuild {
             let seed = self.global.map_or(0, |g| g.hash_seed);
             let table = maglev::build(&plan.members, self.table_size, seed);
+            // Table index -> backend id, resolved once rather than per slot.
+            let id_of: Vec<u32> = table.backends.iter().map(|b| ids[&b.address]).collect();
             let slots: Vec<u32> = table
                 .slots
                 .iter()
-                .map(|&s| match table.backends.get(s as usize) {
-                    Some(b) => ids[&b.address],
-                    None => lb_common::NO_BACKEND,
-                })
+                .map(|&s| id_of.get(s as usize).copied().unwrap_or(lb_common::NO_BACKEND))
                 .collect();
             self.dp.write_table(table_base, &slots)?;
         }
@@ -842,6 +866,30 @@ mod tests {
             .find(|e| addr_of(&e.addr) == ip(14))
             .unwrap();
         assert!(new.generation > max_before);
+    }
+
+    #[test]
+    fn the_vip_filter_admits_old_and_new_vips_during_a_change_and_only_new_ones_after() {
+        let mut r = reconciler();
+        let c = config(false, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        assert!(r.dataplane().filter_admits(ip(100)));
+        let moved = Config::parse(
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml"))
+                .unwrap()
+                .replace("table_size: 65537", "table_size: 251"),
+            Path::new("example.yaml"),
+        )
+        .unwrap();
+        let mark = r.dataplane().log.len();
+        r.apply(&moved, &all_up(), &Neighbours::new()).unwrap();
+        let log = &r.dataplane().log[mark..];
+        // Widened before any VIP changes, narrowed after the last one.
+        let first_vip_change = log.iter().position(|l| l.contains("_vip ")).unwrap();
+        assert!(log[..first_vip_change].contains(&"set_vip_filter".to_string()), "{log:?}");
+        assert_eq!(log.last().map(String::as_str), Some("set_vip_filter"), "{log:?}");
+        assert!(r.dataplane().filter_admits(Ipv4Addr::new(192, 0, 2, 10)));
+        assert!(!r.dataplane().filter_admits(ip(100)), "the old VIP address is filtered out");
     }
 
     #[test]

@@ -256,6 +256,21 @@ struct Case {
     target: Option<f64>,
 }
 
+/// Inserts `n` distinct flows (TCP SYNs from 11.x.y.z), an equal share from
+/// each CPU.
+fn fill_flows(inst: &mut LbInstance, n: u32) -> anyhow::Result<()> {
+    let cpus = online_cpus() as u64;
+    let prog = inst.prog()?;
+    for cpu in 0..cpus {
+        pin_to_cpu(cpu as usize)?;
+        for n in (cpu..n as u64).step_by(cpus as usize) {
+            let p = tcp_syn(Ipv4Addr::from(0x0b00_0000u32 + (n / 64512) as u32), 1024 + (n % 64512) as u16, VIP, 80);
+            prog.test_run(TestRunOptions { data_in: Some(&p), ..TestRunOptions::default() })?;
+        }
+    }
+    Ok(())
+}
+
 pub fn per_packet(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
     pin_to_cpu(bench_cpu())?;
     let (mut tx, tx_name) = baseline("xdp_tx_swap")?;
@@ -273,14 +288,10 @@ pub fn per_packet(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
             prog.test_run(TestRunOptions { data_in: Some(p), ..TestRunOptions::default() })?;
         }
     }
-    // Fill the second instance's flow table.
-    {
-        let prog = full.prog()?;
-        for n in 0..s.many_flows as u64 {
-            let p = tcp_syn(Ipv4Addr::from(0x0b00_0000u32 + (n / 64512) as u32), 1024 + (n % 64512) as u16, VIP, 80);
-            prog.test_run(TestRunOptions { data_in: Some(&p), ..TestRunOptions::default() })?;
-        }
-    }
+    // Fill the second instance's flow table. Each CPU owns its share of the
+    // LRU's capacity, so every CPU inserts its share of the flows.
+    fill_flows(&mut full, s.many_flows)?;
+    pin_to_cpu(bench_cpu())?;
 
     let cases = [
         Case { name: "ceiling: trivial XDP_TX (MAC swap)", target: None },

@@ -6,18 +6,19 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, GlobalConfig, MAX_BACKENDS, MAX_VIPS, STAT_COUNT, Traffic, VipEntry, VipKey,
+    BackendEntry, GlobalConfig, MAX_BACKENDS, MAX_VIPS, StatBlock, Traffic, VipEntry, VipKey,
     map_names,
 };
 
-use super::{Counters, Dataplane, DataplaneError, Snapshot};
+use super::{Counters, Dataplane, DataplaneError, Snapshot, VipFilter};
 
 pub struct AyaDataplane {
     vips: HashMap<MapData, VipKey, VipEntry>,
     backends: Array<MapData, BackendEntry>,
     maglev: MappedSlots,
     config: Array<MapData, GlobalConfig>,
-    stats: PerCpuArray<MapData, u64>,
+    vip_filter: Array<MapData, u64>,
+    stats: PerCpuArray<MapData, StatBlock>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
 }
@@ -46,6 +47,7 @@ impl AyaDataplane {
             backends: take(ebpf, map_names::BACKENDS)?,
             maglev,
             config: take(ebpf, map_names::CONFIG)?,
+            vip_filter: take(ebpf, map_names::VIP_FILTER)?,
             stats: take(ebpf, map_names::STATS)?,
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
@@ -100,13 +102,23 @@ impl Dataplane for AyaDataplane {
         self.vips.remove(&key).map_err(map_err(map_names::VIPS))
     }
 
+    fn set_vip_filter(&mut self, words: &VipFilter) -> Result<(), DataplaneError> {
+        for (i, &w) in words.iter().enumerate() {
+            self.vip_filter
+                .set(i as u32, w, 0)
+                .map_err(map_err(map_names::VIP_FILTER))?;
+        }
+        Ok(())
+    }
+
     fn counters(&self) -> Result<Counters, DataplaneError> {
-        let stats = (0..STAT_COUNT)
-            .map(|i| {
-                let per_cpu = self.stats.get(&i, 0).map_err(map_err(map_names::STATS))?;
-                Ok(per_cpu.iter().sum())
-            })
-            .collect::<Result<_, DataplaneError>>()?;
+        let per_cpu = self.stats.get(&0, 0).map_err(map_err(map_names::STATS))?;
+        let mut stats = vec![0u64; lb_common::STAT_COUNT as usize];
+        for block in per_cpu.iter() {
+            for (sum, v) in stats.iter_mut().zip(block) {
+                *sum += v;
+            }
+        }
         Ok(Counters {
             stats,
             vips: sum_traffic(&self.vip_stats, map_names::VIP_STATS, MAX_VIPS)?,

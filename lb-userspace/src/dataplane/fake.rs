@@ -5,19 +5,39 @@ use std::collections::BTreeMap;
 
 use lb_common::{BackendEntry, GlobalConfig, VipEntry, VipKey};
 
-use super::{Counters, Dataplane, DataplaneError, Snapshot};
+use super::{Counters, Dataplane, DataplaneError, Snapshot, VipFilter};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FakeDataplane {
     pub global: GlobalConfig,
     pub backends: BTreeMap<u32, BackendEntry>,
     pub maglev: BTreeMap<u32, u32>,
     pub vips: BTreeMap<VipKey, VipEntry>,
+    pub vip_filter: VipFilter,
     /// Every call in order, e.g. `"write_table 0 251"`, `"set_vip 0"`.
     pub log: Vec<String>,
 }
 
+impl Default for FakeDataplane {
+    fn default() -> Self {
+        Self {
+            global: GlobalConfig::default(),
+            backends: BTreeMap::new(),
+            maglev: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            vip_filter: [0; lb_common::VIP_FILTER_WORDS as usize],
+            log: Vec::new(),
+        }
+    }
+}
+
 impl FakeDataplane {
+    /// Whether the program would look further at packets for `addr`.
+    pub fn filter_admits(&self, addr: std::net::Ipv4Addr) -> bool {
+        let (w, bit) = lb_common::vip_filter_bit(u32::from_ne_bytes(addr.octets()));
+        self.vip_filter[w as usize] & bit != 0
+    }
+
     /// The table a VIP's entry currently points at.
     pub fn active_table(&self, key: &VipKey) -> Option<Vec<u32>> {
         let e = self.vips.get(key)?;
@@ -57,6 +77,12 @@ impl Dataplane for FakeDataplane {
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError> {
         let id = self.vips.remove(&key).map(|e| e.id);
         self.log.push(format!("remove_vip {id:?}"));
+        Ok(())
+    }
+
+    fn set_vip_filter(&mut self, words: &VipFilter) -> Result<(), DataplaneError> {
+        self.log.push("set_vip_filter".into());
+        self.vip_filter = *words;
         Ok(())
     }
 

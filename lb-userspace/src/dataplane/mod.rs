@@ -28,6 +28,8 @@ pub enum DataplaneError {
 
 pub type Snapshot = (Vec<(VipKey, VipEntry)>, Vec<(u32, BackendEntry)>);
 
+pub type VipFilter = [u64; lb_common::VIP_FILTER_WORDS as usize];
+
 /// Every counter the program keeps, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -40,7 +42,18 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// A global counter; `ActionPass` and `ActionDrop` are the sums of their
+    /// reasons (the program counts each passed or dropped packet once).
     pub fn stat(&self, stat: Stat) -> u64 {
+        match stat {
+            Stat::ActionPass | Stat::ActionDrop => {
+                Stat::ALL.iter().filter(|s| s.action() == Some(stat)).map(|&s| self.raw(s)).sum()
+            }
+            _ => self.raw(stat),
+        }
+    }
+
+    fn raw(&self, stat: Stat) -> u64 {
         self.stats.get(stat as usize).copied().unwrap_or(0)
     }
 
@@ -72,6 +85,8 @@ pub trait Dataplane {
     fn write_table(&mut self, base: u32, slots: &[u32]) -> Result<(), DataplaneError>;
     fn set_vip(&mut self, key: VipKey, entry: VipEntry) -> Result<(), DataplaneError>;
     fn remove_vip(&mut self, key: VipKey) -> Result<(), DataplaneError>;
+    /// Replaces the VIP destination bitmap (`lb_common::vip_filter_bit`).
+    fn set_vip_filter(&mut self, words: &VipFilter) -> Result<(), DataplaneError>;
     fn counters(&self) -> Result<Counters, DataplaneError>;
     /// Every VIP entry, and every backend entry ever written (generation
     /// non-zero): what a restarted control plane adopts.
