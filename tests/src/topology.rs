@@ -495,13 +495,14 @@ impl LbProcess {
         }
     }
 
-    /// A global counter, read from the pinned `STATS` map (summed over CPUs).
+    /// A raw global counter (a pass/drop reason, flow result or forwarding
+    /// action), read from the pinned `STATS` map and summed over CPUs.
     pub fn stat(&self, stat: lb_common::Stat) -> anyhow::Result<u64> {
         let path = self.pin.join("maps").join(lb_common::map_names::STATS);
         let data = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let map = aya::maps::PerCpuArray::<_, u64>::try_from(aya::maps::Map::PerCpuArray(data))?;
-        Ok(map.get(&(stat as u32), 0)?.iter().sum())
+        let map = aya::maps::PerCpuArray::<_, lb_common::StatBlock>::try_from(aya::maps::Map::PerCpuArray(data))?;
+        Ok(map.get(&0, 0)?.iter().map(|block| block[stat as usize]).sum())
     }
 
     /// Runs `lb stop` for this instance's config.

@@ -359,12 +359,13 @@ fn all_backends_down_fails_open_or_drops_as_configured() {
 
     reload(&lb, &config(&all, &check, "drop"));
     let drops_before = lb.stat(Stat::DropNoBackend).unwrap();
-    let dropped = topo.client.enter(|| tcp_connections(WEB, 20)).unwrap();
+    // Each attempt waits out its connect timeout, so a few prove the point.
+    let dropped = topo.client.enter(|| tcp_connections(WEB, 5)).unwrap();
     let drops = lb.stat(Stat::DropNoBackend).unwrap() - drops_before;
     println!("drop: {dropped:?}, drop_no_backend counted {drops}");
-    assert_eq!(dropped.failures, 20, "with drop, new connections fail");
+    assert_eq!(dropped.failures, 5, "with drop, new connections fail");
     assert!(
-        drops >= 20,
+        drops >= 5,
         "each failed SYN (and its retransmits) is a counted drop: {drops}"
     );
 }
