@@ -196,13 +196,15 @@ pub struct GlobalConfig {
     pub udp_idle_timeout_ns: u64,
 }
 
-/// Packet and byte counts; the value of `VIP_STATS` and `BACKEND_STATS`
-/// (per-CPU arrays, summed by userspace).
+/// Packet, byte and new-flow counts; the value of `VIP_STATS` and
+/// `BACKEND_STATS` (per-CPU arrays, summed by userspace).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Traffic {
     pub packets: u64,
     pub bytes: u64,
+    /// Flows placed by the Maglev table (new, or re-placed).
+    pub new_flows: u64,
 }
 
 macro_rules! stats {
@@ -308,4 +310,4 @@ const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<Traffic>() == 16);
+const _: () = assert!(core::mem::size_of::<Traffic>() == 24);

@@ -77,17 +77,18 @@ fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> 
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
-    let (backend_id, backend) = match flows::lookup(&flow) {
+    let (backend_id, backend, placed) = match flows::lookup(&flow) {
         Lookup::Hit { backend_id, backend } => {
             bump(stats, Stat::FlowHit);
-            add_traffic(&VIP_STATS, backend.vip_id, bytes);
-            (backend_id, backend)
+            add_traffic(&VIP_STATS, backend.vip_id, bytes, false);
+            (backend_id, backend, false)
         }
         Lookup::Miss { outcome, key, now } => {
             let vip = flows::vip(&flow)?;
             bump(stats, outcome);
-            add_traffic(&VIP_STATS, vip.id, bytes);
-            flows::place(&flow, &key, &vip, now)?
+            add_traffic(&VIP_STATS, vip.id, bytes, false);
+            let (id, backend) = flows::place(&flow, &key, &vip, now)?;
+            (id, backend, true)
         }
     };
     let verdict = match backend.forwarding {
@@ -95,7 +96,7 @@ fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> 
         // Userspace only writes modes this program knows.
         _ => return Err(Verdict::Drop(Stat::DropInternal)),
     };
-    add_traffic(&BACKEND_STATS, backend_id, bytes);
+    add_traffic(&BACKEND_STATS, backend_id, bytes, placed);
     Ok(verdict)
 }
 
@@ -107,12 +108,13 @@ pub fn bump(stats: &mut StatBlock, stat: Stat) {
 }
 
 #[inline(always)]
-fn add_traffic(map: &aya_ebpf::maps::PerCpuArray<Traffic>, index: u32, bytes: u64) {
+fn add_traffic(map: &aya_ebpf::maps::PerCpuArray<Traffic>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(t) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe {
             (*t).packets += 1;
             (*t).bytes += bytes;
+            (*t).new_flows += new_flow as u64;
         }
     }
 }

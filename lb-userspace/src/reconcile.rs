@@ -339,7 +339,11 @@ impl<D: Dataplane> Reconciler<D> {
     ) -> Result<Option<Swap>, ReconcileError> {
         let vip_id = match self.vips.get(&key) {
             Some(a) => a.entry.id,
-            None => lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?,
+            None => {
+                let id = lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?;
+                self.dp.zero_traffic(Some(id), None)?;
+                id
+            }
         };
 
         let forwarding = match vip.forwarding {
@@ -915,24 +919,15 @@ mod tests {
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         let mut counters = r.dataplane().counters().unwrap();
         let web = r.dataplane().vips[&vip_key(&c.vips[0])].id as usize;
-        counters.vips[web] = Traffic {
-            packets: 3,
-            bytes: 180,
-        };
+        counters.vips[web] = Traffic { packets: 3, bytes: 180, new_flows: 1 };
         let id12 = r.backend_ids[&(vip_key(&c.vips[0]), ip(12))] as usize;
-        counters.backends[id12] = Traffic {
-            packets: 2,
-            bytes: 120,
-        };
+        counters.backends[id12] = Traffic { packets: 2, bytes: 120, new_flows: 1 };
         let t = r.traffic(&counters);
         let web = t.iter().find(|v| v.name == "web").unwrap();
         assert_eq!(web.total.packets, 3);
         assert!(web.backends.contains(&(
             ip(12),
-            Traffic {
-                packets: 2,
-                bytes: 120
-            }
+            Traffic { packets: 2, bytes: 120, new_flows: 1 }
         )));
     }
 }

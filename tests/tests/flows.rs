@@ -96,6 +96,11 @@ fn a_syn_is_placed_and_the_rest_of_its_flow_hits() {
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
         (50, 150)
     );
+    let traffic = h.reconciler.traffic(&h.counters().unwrap());
+    let web = traffic.iter().find(|v| v.name == "web").unwrap();
+    let new_flows: u64 = web.backends.iter().map(|(_, t)| t.new_flows).sum();
+    let packets: u64 = web.backends.iter().map(|(_, t)| t.packets).sum();
+    assert_eq!((new_flows, packets, web.total.packets), (50, 200, 200), "only placements count as new flows");
 }
 
 #[test]

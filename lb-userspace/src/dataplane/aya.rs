@@ -3,7 +3,7 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
     BackendEntry, GlobalConfig, MAX_BACKENDS, MAX_VIPS, StatBlock, Traffic, VipEntry, VipKey,
@@ -70,6 +70,7 @@ fn sum_traffic(
             Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
                 packets: acc.packets + t.packets,
                 bytes: acc.bytes + t.bytes,
+                new_flows: acc.new_flows + t.new_flows,
             }))
         })
         .collect()
@@ -107,6 +108,20 @@ impl Dataplane for AyaDataplane {
             self.vip_filter
                 .set(i as u32, w, 0)
                 .map_err(map_err(map_names::VIP_FILTER))?;
+        }
+        Ok(())
+    }
+
+    fn zero_traffic(&mut self, vip: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError> {
+        let zeros = || -> Result<PerCpuValues<Traffic>, DataplaneError> {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+            PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(DataplaneError::Cpus)
+        };
+        if let Some(id) = vip {
+            self.vip_stats.set(id, zeros()?, 0).map_err(map_err(map_names::VIP_STATS))?;
+        }
+        if let Some(id) = backend {
+            self.backend_stats.set(id, zeros()?, 0).map_err(map_err(map_names::BACKEND_STATS))?;
         }
         Ok(())
     }

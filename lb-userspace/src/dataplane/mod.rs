@@ -16,6 +16,8 @@ pub enum DataplaneError {
     },
     #[error("map {map} is missing from the eBPF object")]
     MissingMap { map: &'static str },
+    #[error("counting CPUs: {0}")]
+    Cpus(std::io::Error),
     #[error("mapping the Maglev map: {0}")]
     Mmap(std::io::Error),
     #[error("table of {len} slots at {base} does not fit the Maglev map ({capacity} slots)")]
@@ -88,6 +90,9 @@ pub trait Dataplane {
     /// Replaces the VIP destination bitmap (`lb_common::vip_filter_bit`).
     fn set_vip_filter(&mut self, words: &VipFilter) -> Result<(), DataplaneError>;
     fn counters(&self) -> Result<Counters, DataplaneError>;
+    /// Zeroes the traffic counters of a VIP id and/or a backend id about to
+    /// be given to a new VIP or backend, so it does not inherit old counts.
+    fn zero_traffic(&mut self, vip: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError>;
     /// Every VIP entry, and every backend entry ever written (generation
     /// non-zero): what a restarted control plane adopts.
     fn snapshot(&self) -> Result<Snapshot, DataplaneError>;
