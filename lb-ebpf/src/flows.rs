@@ -16,10 +16,17 @@ use crate::{
 /// What the flow table says about a packet.
 pub enum Lookup {
     /// An established flow whose backend may keep it.
-    Hit { backend_id: u32, backend: &'static BackendEntry },
+    Hit {
+        backend_id: u32,
+        backend: &'static BackendEntry,
+    },
     /// No live entry: the flow must be placed. `outcome` is the flow-table
     /// counter to move once the packet is known to be for a VIP.
-    Miss { outcome: Stat, key: FlowKey, now: u64 },
+    Miss {
+        outcome: Stat,
+        key: FlowKey,
+        now: u64,
+    },
 }
 
 #[inline(always)]
@@ -37,26 +44,45 @@ pub fn lookup(flow: &Flow) -> Lookup {
     // The coarse clock (tick resolution) is plenty for timeouts of seconds
     // and far cheaper to read than the precise one.
     // SAFETY: plain helper call.
-    let now = if udp { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    let now = if udp {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        0
+    };
 
     let Some(entry) = FLOWS.get_ptr_mut(&key) else {
-        let outcome = if flow.opens { Stat::FlowMissSyn } else { Stat::FlowMissNonSyn };
+        let outcome = if flow.opens {
+            Stat::FlowMissSyn
+        } else {
+            Stat::FlowMissNonSyn
+        };
         return Lookup::Miss { outcome, key, now };
     };
     // SAFETY: pointer into the map's value, valid for this program run.
     let entry = unsafe { &mut *entry };
     let idle = now.wrapping_sub(entry.last_seen_ns);
     if udp && idle > CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns) {
-        return Lookup::Miss { outcome: Stat::FlowMissSyn, key, now };
+        return Lookup::Miss {
+            outcome: Stat::FlowMissSyn,
+            key,
+            now,
+        };
     }
     match BACKENDS.get(entry.backend_id) {
         Some(b) if b.generation == entry.generation && b.flags & BACKEND_F_KEEP_FLOWS != 0 => {
             if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS {
                 entry.last_seen_ns = now;
             }
-            Lookup::Hit { backend_id: entry.backend_id, backend: b }
+            Lookup::Hit {
+                backend_id: entry.backend_id,
+                backend: b,
+            }
         }
-        _ => Lookup::Miss { outcome: Stat::FlowReplaced, key, now },
+        _ => Lookup::Miss {
+            outcome: Stat::FlowReplaced,
+            key,
+            now,
+        },
     }
 }
 
@@ -94,7 +120,9 @@ pub fn place(
         seed,
     );
     let slot = vip.table_base + hash % vip.table_size.max(1);
-    let pair = MAGLEV.get(slot / 2).ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let pair = MAGLEV
+        .get(slot / 2)
+        .ok_or(Verdict::Drop(Stat::DropInternal))?;
     let backend_id = pair[(slot & 1) as usize];
     if backend_id == NO_BACKEND {
         return Err(Verdict::Drop(Stat::DropNoBackend));
@@ -102,7 +130,11 @@ pub fn place(
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(Verdict::Drop(Stat::DropInternal))?;
-    let entry = FlowEntry { backend_id, generation: backend.generation, last_seen_ns: now };
+    let entry = FlowEntry {
+        backend_id,
+        generation: backend.generation,
+        last_seen_ns: now,
+    };
     // A full table evicts its least recently used entry; failure to insert
     // only costs this flow its stickiness, so the packet is still forwarded.
     let _ = FLOWS.insert(key, &entry, 0);

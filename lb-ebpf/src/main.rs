@@ -58,11 +58,14 @@ pub fn lb(ctx: XdpContext) -> u32 {
         Verdict::Redirect(ifindex) => {
             // SAFETY: plain helper call; flags 0 is always valid.
             let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-            bump(stats, if action == xdp_action::XDP_REDIRECT {
-                Stat::ActionRedirect
-            } else {
-                Stat::ActionAborted
-            });
+            bump(
+                stats,
+                if action == xdp_action::XDP_REDIRECT {
+                    Stat::ActionRedirect
+                } else {
+                    Stat::ActionAborted
+                },
+            );
             action
         }
     }
@@ -78,7 +81,10 @@ fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> 
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
     let (backend_id, backend, placed) = match flows::lookup(&flow) {
-        Lookup::Hit { backend_id, backend } => {
+        Lookup::Hit {
+            backend_id,
+            backend,
+        } => {
             bump(stats, Stat::FlowHit);
             add_traffic(&VIP_STATS, backend.vip_id, bytes, false);
             (backend_id, backend, false)

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_DEFAULT_ENTRIES,
-    MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic, VIP_FILTER_WORDS,
-    VipEntry, VipKey,
+    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig,
+    MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic,
+    VIP_FILTER_WORDS, VipEntry, VipKey,
 };
 
 /// (address, port, protocol) -> VIP id, active table half, forwarding mode.

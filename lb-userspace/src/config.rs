@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -41,7 +41,38 @@ struct RawConfig {
     #[serde(default)]
     flow_table: RawFlowTable,
     pin_path: Option<PathBuf>,
+    #[serde(default)]
+    admin: RawAdmin,
     vips: Vec<RawVip>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+/// Loopback by default: the admin listener is unauthenticated.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9742";
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.into()
+}
+
+fn default_shutdown_grace() -> String {
+    "0s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,6 +282,7 @@ pub struct Fixed {
     pub max_vips: u32,
     pub max_flows: u32,
     pub pin_path: PathBuf,
+    pub admin_listen: SocketAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -263,6 +295,10 @@ pub struct Config {
     pub max_flows: u32,
     pub udp_idle_timeout: Duration,
     pub pin_path: PathBuf,
+    /// Where the admin HTTP listener (metrics, status, readiness) binds.
+    pub admin_listen: SocketAddr,
+    /// After SIGINT/SIGTERM, how long `/ready` answers 503 before `lb` exits.
+    pub shutdown_grace: Duration,
     pub vips: Vec<Vip>,
 }
 
@@ -275,6 +311,7 @@ impl Config {
             max_vips: self.max_vips,
             max_flows: self.max_flows,
             pin_path: self.pin_path.clone(),
+            admin_listen: self.admin_listen,
         }
     }
 }
@@ -455,6 +492,13 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             format!("{} is not an absolute path", pin_path.display()),
         );
     }
+    let admin_listen = raw.admin.listen.parse::<SocketAddr>().map_err(|_| {
+        p.add(
+            "admin.listen",
+            format!("`{}` is not an address:port", raw.admin.listen),
+        );
+    });
+    let shutdown_grace = parse_duration(&mut p, "admin.shutdown_grace", &raw.admin.shutdown_grace);
 
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
@@ -543,7 +587,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     }
 
-    let Some(udp_idle_timeout) = udp_idle_timeout.filter(|_| p.0.is_empty()) else {
+    let (Some(udp_idle_timeout), Ok(admin_listen), Some(shutdown_grace)) = (
+        udp_idle_timeout.filter(|_| p.0.is_empty()),
+        admin_listen,
+        shutdown_grace,
+    ) else {
         return Err(p.0);
     };
     Ok(Config {
@@ -555,6 +603,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         max_flows: max_flows as u32,
         udp_idle_timeout,
         pin_path,
+        admin_listen,
+        shutdown_grace,
         vips,
     })
 }
@@ -906,6 +956,8 @@ vips:
             (DEFAULT_FLOW_TABLE_SIZE, Duration::from_secs(30))
         );
         assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/lb/eth0"));
+        assert_eq!(c.admin_listen, "127.0.0.1:9742".parse().unwrap());
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
     }
 
     #[test]
@@ -1019,6 +1071,22 @@ vips:
         );
         assert!(
             e.contains("flow_table.udp_idle_timeout") && e.contains("at least 1s"),
+            "{e}"
+        );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\nadmin: { listen: localhost }",
+        );
+        assert!(
+            e.contains("admin.listen") && e.contains("not an address:port"),
+            "{e}"
+        );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\nadmin: { shutdown_grace: never }",
+        );
+        assert!(
+            e.contains("admin.shutdown_grace") && e.contains("not a duration"),
             "{e}"
         );
         let e = error_with(

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,7 +19,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::config::{Config, HealthCheck, HealthKind};
+use crate::{
+    config::{Config, HealthCheck, HealthKind},
+    metrics::Metrics,
+};
 
 /// Consecutive-result state of one backend. Starts up (optimistically, like
 /// HAProxy): a backend listed in the config takes traffic until `fall`
@@ -139,13 +143,15 @@ pub struct Transition {
 pub struct Supervisor {
     tasks: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, JoinHandle<()>)>,
     events: mpsc::Sender<Transition>,
+    metrics: Arc<Metrics>,
 }
 
 impl Supervisor {
-    pub fn new(events: mpsc::Sender<Transition>) -> Self {
+    pub fn new(events: mpsc::Sender<Transition>, metrics: Arc<Metrics>) -> Self {
         Self {
             tasks: BTreeMap::new(),
             events,
+            metrics,
         }
     }
 
@@ -154,35 +160,41 @@ impl Supervisor {
     /// Within a VIP, tasks start spread evenly over the interval so probes do
     /// not arrive in bursts.
     pub fn sync(&mut self, config: &Config, initial: impl Fn(&VipKey, Ipv4Addr) -> bool) {
-        let mut wanted: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, Duration)> = BTreeMap::new();
+        let mut wanted: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, Duration, Labels)> =
+            BTreeMap::new();
         for vip in &config.vips {
             let key = crate::reconcile::vip_key(vip);
             let n = vip.backends.len().max(1) as u32;
             for (i, b) in vip.backends.iter().enumerate() {
                 let offset = vip.health_check.interval * i as u32 / n;
-                wanted.insert((key, b.address), (vip.health_check.clone(), offset));
+                let labels = Labels {
+                    vip: format!("{}:{}", vip.address, vip.port),
+                    proto: vip.protocol.to_string(),
+                    backend: b.address.to_string(),
+                };
+                wanted.insert((key, b.address), (vip.health_check.clone(), offset, labels));
             }
         }
         self.tasks.retain(|k, (check, task)| {
-            let keep = wanted.get(k).is_some_and(|(c, _)| c == check);
+            let keep = wanted.get(k).is_some_and(|(c, _, _)| c == check);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for (k, (check, offset)) in wanted {
+        for (k, (check, offset, labels)) in wanted {
             if self.tasks.contains_key(&k) {
                 continue;
             }
-            let state = HealthState::new(initial(&k.0, k.1));
-            let task = tokio::spawn(probe_loop(
-                k.0,
-                k.1,
-                check.clone(),
-                state,
-                offset,
-                self.events.clone(),
-            ));
+            let probe = Probe {
+                vip: k.0,
+                backend: k.1,
+                check: check.clone(),
+                labels,
+                events: self.events.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let task = tokio::spawn(probe.run(HealthState::new(initial(&k.0, k.1)), offset));
             self.tasks.insert(k, (check, task));
         }
     }
@@ -196,37 +208,76 @@ impl Drop for Supervisor {
     }
 }
 
-async fn probe_loop(
+/// Metric labels of one probe task.
+struct Labels {
+    vip: String,
+    proto: String,
+    backend: String,
+}
+
+/// One backend's probe task.
+struct Probe {
     vip: VipKey,
     backend: Ipv4Addr,
     check: HealthCheck,
-    mut state: HealthState,
-    offset: Duration,
+    labels: Labels,
     events: mpsc::Sender<Transition>,
-) {
-    let mut ticks = tokio::time::interval_at(Instant::now() + offset, check.interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let result = probe(&check, backend).await;
-        let Some(up) = state.observe(result.is_ok(), check.rise, check.fall) else {
-            continue;
-        };
-        match &result {
-            Ok(()) => info!(%backend, port = check.port, rise = check.rise, "backend is up"),
-            Err(reason) => {
-                warn!(%backend, port = check.port, fall = check.fall, %reason, "backend is down")
+    metrics: Arc<Metrics>,
+}
+
+impl Probe {
+    async fn run(self, mut state: HealthState, offset: Duration) {
+        let (check, backend) = (&self.check, self.backend);
+        let mut ticks = tokio::time::interval_at(Instant::now() + offset, check.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let started = Instant::now();
+            let result = probe(check, backend).await;
+            self.record(&result, started.elapsed());
+            let Some(up) = state.observe(result.is_ok(), check.rise, check.fall) else {
+                continue;
+            };
+            match &result {
+                Ok(()) => info!(%backend, port = check.port, rise = check.rise, "backend is up"),
+                Err(reason) => {
+                    warn!(%backend, port = check.port, fall = check.fall, %reason, "backend is down")
+                }
+            }
+            let t = Transition {
+                vip: self.vip,
+                backend,
+                up,
+                at: Instant::now(),
+            };
+            if self.events.send(t).await.is_err() {
+                return;
             }
         }
-        let t = Transition {
-            vip,
-            backend,
-            up,
-            at: Instant::now(),
+    }
+
+    fn record(&self, result: &Result<(), Failure>, took: Duration) {
+        let l = &self.labels;
+        let outcome = match result {
+            Ok(()) => "success",
+            Err(Failure::Refused) => "refused",
+            Err(Failure::Timeout) => "timeout",
+            Err(Failure::BadStatus(_)) => "bad_status",
+            Err(Failure::Error(_)) => "error",
         };
-        if events.send(t).await.is_err() {
-            return;
-        }
+        self.metrics
+            .health_checks
+            .with_label_values(&[
+                l.vip.as_str(),
+                l.proto.as_str(),
+                l.backend.as_str(),
+                outcome,
+            ])
+            .inc();
+        self.metrics
+            .health_check_duration
+            .with_label_values(&[l.vip.as_str(), l.proto.as_str()])
+            .observe(took.as_secs_f64());
     }
 }
 

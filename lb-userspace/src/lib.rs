@@ -1,11 +1,14 @@
 //! Control plane of the load balancer: configuration, Maglev tables, the single
 //! writer of the XDP program's maps, neighbour resolution and the `lb run` loop.
 
+pub mod admin;
 pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod neighbour;
 pub mod reconcile;
 pub mod run;
+pub mod status;

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS, PROGRAM_NAME, SlotPair, StatBlock,
-    Traffic, VipEntry, VipKey, map_names,
+    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS,
+    PROGRAM_NAME, SlotPair, StatBlock, Traffic, VipEntry, VipKey, map_names,
 };
 
 /// The XDP object built by build.rs from lb-ebpf.
@@ -84,15 +84,30 @@ impl Sizes {
         let (key, value, entries, flags) = match map {
             map_names::VIPS => (size_of::<VipKey>(), size_of::<VipEntry>(), None, 0),
             map_names::BACKENDS => (4, size_of::<BackendEntry>(), None, 0),
-            map_names::MAGLEV => (4, size_of::<SlotPair>(), Some(self.maglev_entries()), MAGLEV_MAP_FLAGS),
+            map_names::MAGLEV => (
+                4,
+                size_of::<SlotPair>(),
+                Some(self.maglev_entries()),
+                MAGLEV_MAP_FLAGS,
+            ),
             map_names::CONFIG => (4, size_of::<GlobalConfig>(), None, 0),
             map_names::STATS => (4, size_of::<StatBlock>(), None, 0),
             map_names::VIP_FILTER => (4, 8, None, 0),
             map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None, 0),
-            map_names::FLOWS => (size_of::<FlowKey>(), size_of::<FlowEntry>(), Some(self.max_flows), FLOWS_MAP_FLAGS),
+            map_names::FLOWS => (
+                size_of::<FlowKey>(),
+                size_of::<FlowEntry>(),
+                Some(self.max_flows),
+                FLOWS_MAP_FLAGS,
+            ),
             _ => (0, 0, None, 0),
         };
-        Layout { key: key as u32, value: value as u32, entries, flags }
+        Layout {
+            key: key as u32,
+            value: value as u32,
+            entries,
+            flags,
+        }
     }
 }
 
@@ -157,7 +172,12 @@ fn check_pinned(path: &Path, want: Layout) -> Result<(), LoadError> {
         if let Some(wanted) = wanted
             && found != wanted
         {
-            return Err(LoadError::PinMismatch { path: path.to_owned(), what, found, wanted });
+            return Err(LoadError::PinMismatch {
+                path: path.to_owned(),
+                what,
+                found,
+                wanted,
+            });
         }
     }
     Ok(())

@@ -34,8 +34,11 @@ impl Table {
     /// Number of slots owned by each backend, in `backends` order.
     pub fn slot_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.backends.len()];
+        // A table without backends holds only NO_BACKEND, which counts nowhere.
         for &s in &self.slots {
-            counts[s as usize] += 1;
+            if let Some(c) = counts.get_mut(s as usize) {
+                *c += 1;
+            }
         }
         counts
     }
@@ -51,7 +54,10 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
     let mut slots = vec![lb_common::NO_BACKEND; m as usize];
     let max_weight = sorted.iter().map(|b| b.weight).max().unwrap_or(0);
     if max_weight == 0 || m < 2 {
-        return Table { backends: sorted, slots };
+        return Table {
+            backends: sorted,
+            slots,
+        };
     }
 
     // Each backend walks its permutation offset + j * skip (mod m); `next` is
@@ -99,7 +105,10 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
             }
             filled += 1;
             if filled == m {
-                return Table { backends: sorted, slots };
+                return Table {
+                    backends: sorted,
+                    slots,
+                };
             }
         }
     }
@@ -132,6 +141,7 @@ mod tests {
     fn no_backends_gives_an_empty_table() {
         let t = build(&[], 251, 1);
         assert!(t.slots.iter().all(|&s| s == lb_common::NO_BACKEND));
+        assert!(t.slot_counts().is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use lb_userspace::{
-    config::{Config, ConfigError, Problem},
+    config::{self, Config, ConfigError, Problem},
     reconcile,
 };
 
@@ -40,6 +40,19 @@ enum Command {
     },
     /// Validate a config file and show how each VIP's table is shared.
     CheckConfig { config: PathBuf },
+    /// Show the running instance's VIPs, backends and counters.
+    Status {
+        /// Admin listener to ask (default: the config's admin.listen, else
+        /// 127.0.0.1:9742).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Config whose admin.listen to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON of /status.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +74,37 @@ fn main() -> ExitCode {
             }
             Err(e) => bad_config(&e),
         },
+        Command::Status {
+            admin,
+            config,
+            json,
+        } => {
+            let addr = match (admin, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => match Config::load(&path) {
+                    Ok(c) => c.admin_listen,
+                    Err(e) => return bad_config(&e),
+                },
+                (None, None) => match config::DEFAULT_ADMIN_LISTEN.parse() {
+                    Ok(a) => a,
+                    Err(_) => return ExitCode::FAILURE,
+                },
+            };
+            match fetch_status(addr) {
+                Ok(s) if json => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(s) => {
+                    print!("{}", lb_userspace::status::render(&s));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lb: asking http://{addr}/status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Stop { config } => {
             let c = match Config::load(&config) {
                 Ok(c) => c,
@@ -131,6 +175,16 @@ fn main() -> ExitCode {
     }
 }
 
+fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<lb_userspace::status::Status> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    Ok(agent
+        .get(&format!("http://{addr}/status"))
+        .call()?
+        .into_json()?)
+}
+
 fn bad_config(e: &ConfigError) -> ExitCode {
     eprintln!("Invalid configuration: {e}");
     ExitCode::from(EXIT_BAD_CONFIG)
@@ -150,10 +204,11 @@ fn print_plan(file: &std::path::Path, c: &Config) {
         c.interface, c.xdp_mode, c.table_size, c.seed
     );
     println!(
-        "flow table {} flows, UDP idle timeout {}, pinned under {}",
+        "flow table {} flows, UDP idle timeout {}, pinned under {}, admin on {}",
         c.max_flows,
         humantime::format_duration(c.udp_idle_timeout),
-        c.pin_path.display()
+        c.pin_path.display(),
+        c.admin_listen
     );
     for (vip, table) in reconcile::plan(c) {
         let h = &vip.health_check;

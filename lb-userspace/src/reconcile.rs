@@ -13,8 +13,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_L2, GlobalConfig,
-    TABLE_HALVES, Traffic, VipEntry, VipKey,
+    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_L2, GlobalConfig, TABLE_HALVES,
+    Traffic, VipEntry, VipKey,
 };
 
 use crate::{
@@ -119,6 +119,8 @@ struct AppliedVip {
     /// The members the active table was built from; `None` when unknown
     /// (adopted from a previous run), which forces one rebuild.
     members: Option<Vec<Weighted>>,
+    /// Each member's fraction of the active table's slots.
+    shares: BTreeMap<Ipv4Addr, f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,12 +143,23 @@ pub struct VipTraffic {
     pub backends: Vec<(Ipv4Addr, Traffic)>,
 }
 
-/// What a table swap did, for logs and latency measurements.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a table swap did, for logs, metrics and latency measurements.
+#[derive(Debug, Clone)]
 pub struct Swap {
-    pub vip: String,
+    pub vip: VipKey,
+    pub name: String,
     pub members: usize,
     pub all_down: bool,
+    /// Time the Maglev build took.
+    pub build: std::time::Duration,
+}
+
+impl PartialEq for Swap {
+    /// Equal when the same change happened (build times differ run to run).
+    fn eq(&self, other: &Self) -> bool {
+        (self.vip, &self.name, self.members, self.all_down)
+            == (other.vip, &other.name, other.members, other.all_down)
+    }
 }
 
 pub struct Reconciler<D> {
@@ -207,6 +220,7 @@ impl<D: Dataplane> Reconciler<D> {
                     name: String::new(),
                     half,
                     members: None,
+                    shares: BTreeMap::new(),
                 },
             );
         }
@@ -390,17 +404,32 @@ impl<D: Dataplane> Reconciler<D> {
             None => 0,
         };
         let table_base = (vip_id * TABLE_HALVES + half) * self.table_size;
+        let mut build = std::time::Duration::ZERO;
+        let mut shares = applied.map(|a| a.shares.clone()).unwrap_or_default();
         if rebuild {
             let seed = self.global.map_or(0, |g| g.hash_seed);
+            let started = std::time::Instant::now();
             let table = maglev::build(&plan.members, self.table_size, seed);
+            build = started.elapsed();
             // Table index -> backend id, resolved once rather than per slot.
             let id_of: Vec<u32> = table.backends.iter().map(|b| ids[&b.address]).collect();
             let slots: Vec<u32> = table
                 .slots
                 .iter()
-                .map(|&s| id_of.get(s as usize).copied().unwrap_or(lb_common::NO_BACKEND))
+                .map(|&s| {
+                    id_of
+                        .get(s as usize)
+                        .copied()
+                        .unwrap_or(lb_common::NO_BACKEND)
+                })
                 .collect();
             self.dp.write_table(table_base, &slots)?;
+            shares = table
+                .backends
+                .iter()
+                .zip(table.slot_counts())
+                .map(|(b, n)| (b.address, n as f64 / self.table_size as f64))
+                .collect();
         }
         let entry = VipEntry {
             id: vip_id,
@@ -418,13 +447,52 @@ impl<D: Dataplane> Reconciler<D> {
                 name: vip.name.clone(),
                 half,
                 members: Some(plan.members.clone()),
+                shares,
             },
         );
         Ok(rebuild.then(|| Swap {
-            vip: vip.name.clone(),
+            vip: key,
+            name: vip.name.clone(),
             members: plan.members.len(),
             all_down: plan.all_down,
+            build,
         }))
+    }
+
+    /// Fraction of the VIP's active table each backend holds.
+    pub fn shares(&self, key: &VipKey) -> BTreeMap<Ipv4Addr, f64> {
+        self.vips
+            .get(key)
+            .map(|a| a.shares.clone())
+            .unwrap_or_default()
+    }
+
+    /// A VIP's and its backends' counters, by address.
+    pub fn vip_traffic(
+        &self,
+        counters: &Counters,
+        key: &VipKey,
+    ) -> (Traffic, BTreeMap<Ipv4Addr, Traffic>) {
+        let total = self
+            .vips
+            .get(key)
+            .and_then(|a| counters.vips.get(a.entry.id as usize).copied())
+            .unwrap_or_default();
+        let backends = self
+            .backend_ids
+            .range((*key, Ipv4Addr::UNSPECIFIED)..=(*key, Ipv4Addr::BROADCAST))
+            .map(|(&(_, addr), &id)| {
+                (
+                    addr,
+                    counters
+                        .backends
+                        .get(id as usize)
+                        .copied()
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        (total, backends)
     }
 
     /// Labels raw counters with VIP names and backend addresses.
@@ -534,6 +602,18 @@ mod tests {
         addrs.iter().map(|&i| ((key, ip(i)), false)).collect()
     }
 
+    /// The swap of `web` expected in these tests (VIP key of `config`).
+    fn swap(name: &str, members: usize, all_down: bool) -> Swap {
+        let vip = vip_key(&config(false, 1).vips[0]);
+        Swap {
+            vip,
+            name: name.into(),
+            members,
+            all_down,
+            build: std::time::Duration::ZERO,
+        }
+    }
+
     fn reconciler() -> Reconciler<FakeDataplane> {
         Reconciler::new(FakeDataplane::default(), M, 4)
     }
@@ -620,14 +700,7 @@ mod tests {
         let mark = r.dataplane().log.len();
         let c = config(true, 1);
         let swaps = r.apply(&c, &all_up(), &neighbours()).unwrap();
-        assert_eq!(
-            swaps,
-            [Swap {
-                vip: "web".into(),
-                members: 3,
-                all_down: false
-            }]
-        );
+        assert_eq!(swaps, [swap("web", 3, false)]);
         let new = r.dataplane().log[mark..].to_vec();
         let entry = r.dataplane().vips[&vip_key(&c.vips[0])];
         assert_eq!(entry.table_base, base_before + M, "other half of VIP 0");
@@ -677,14 +750,7 @@ mod tests {
         let c = config(true, 1);
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         let swaps = r.apply(&c, &down(&c, &[12]), &neighbours()).unwrap();
-        assert_eq!(
-            swaps,
-            [Swap {
-                vip: "web".into(),
-                members: 2,
-                all_down: false
-            }]
-        );
+        assert_eq!(swaps, [swap("web", 2, false)]);
         assert!(!active_addresses(&r, &c.vips[0]).contains(&Some(ip(12))));
         assert_eq!(
             entry_of(&r, &c, 12).flags & (BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY),
@@ -739,14 +805,7 @@ mod tests {
         let swaps = r
             .apply(&c, &down(&c, &[11, 12, 13]), &neighbours())
             .unwrap();
-        assert_eq!(
-            swaps[0],
-            Swap {
-                vip: "web".into(),
-                members: 2,
-                all_down: true
-            }
-        );
+        assert_eq!(swaps[0], swap("web", 2, true));
         let table: BTreeSet<_> = active_addresses(&r, &c.vips[0]).into_iter().collect();
         assert_eq!(table, BTreeSet::from([Some(ip(11)), Some(ip(12))]));
         for i in [11, 12, 13] {
@@ -763,14 +822,7 @@ mod tests {
         let mut r = reconciler();
         let c = config_with(&backends(&[(11, 1, "active"), (12, 1, "active")]), "drop");
         let swaps = r.apply(&c, &down(&c, &[11, 12]), &neighbours()).unwrap();
-        assert_eq!(
-            swaps[0],
-            Swap {
-                vip: "web".into(),
-                members: 0,
-                all_down: true
-            }
-        );
+        assert_eq!(swaps[0], swap("web", 0, true));
         let table = r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap();
         assert!(table.iter().all(|&id| id == lb_common::NO_BACKEND));
         assert_eq!(entry_of(&r, &c, 11).flags & BACKEND_F_KEEP_FLOWS, 0);
@@ -879,9 +931,12 @@ mod tests {
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         assert!(r.dataplane().filter_admits(ip(100)));
         let moved = Config::parse(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml"))
-                .unwrap()
-                .replace("table_size: 65537", "table_size: 251"),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../config/example.yaml"
+            ))
+            .unwrap()
+            .replace("table_size: 65537", "table_size: 251"),
             Path::new("example.yaml"),
         )
         .unwrap();
@@ -890,10 +945,20 @@ mod tests {
         let log = &r.dataplane().log[mark..];
         // Widened before any VIP changes, narrowed after the last one.
         let first_vip_change = log.iter().position(|l| l.contains("_vip ")).unwrap();
-        assert!(log[..first_vip_change].contains(&"set_vip_filter".to_string()), "{log:?}");
-        assert_eq!(log.last().map(String::as_str), Some("set_vip_filter"), "{log:?}");
+        assert!(
+            log[..first_vip_change].contains(&"set_vip_filter".to_string()),
+            "{log:?}"
+        );
+        assert_eq!(
+            log.last().map(String::as_str),
+            Some("set_vip_filter"),
+            "{log:?}"
+        );
         assert!(r.dataplane().filter_admits(Ipv4Addr::new(192, 0, 2, 10)));
-        assert!(!r.dataplane().filter_admits(ip(100)), "the old VIP address is filtered out");
+        assert!(
+            !r.dataplane().filter_admits(ip(100)),
+            "the old VIP address is filtered out"
+        );
     }
 
     #[test]
@@ -919,15 +984,27 @@ mod tests {
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         let mut counters = r.dataplane().counters().unwrap();
         let web = r.dataplane().vips[&vip_key(&c.vips[0])].id as usize;
-        counters.vips[web] = Traffic { packets: 3, bytes: 180, new_flows: 1 };
+        counters.vips[web] = Traffic {
+            packets: 3,
+            bytes: 180,
+            new_flows: 1,
+        };
         let id12 = r.backend_ids[&(vip_key(&c.vips[0]), ip(12))] as usize;
-        counters.backends[id12] = Traffic { packets: 2, bytes: 120, new_flows: 1 };
+        counters.backends[id12] = Traffic {
+            packets: 2,
+            bytes: 120,
+            new_flows: 1,
+        };
         let t = r.traffic(&counters);
         let web = t.iter().find(|v| v.name == "web").unwrap();
         assert_eq!(web.total.packets, 3);
         assert!(web.backends.contains(&(
             ip(12),
-            Traffic { packets: 2, bytes: 120, new_flows: 1 }
+            Traffic {
+                packets: 2,
+                bytes: 120,
+                new_flows: 1
+            }
         )));
     }
 }

@@ -1,16 +1,22 @@
 //! `lb run`: load (or adopt) the pinned program and maps, fill the maps,
 //! attach, then react to health transitions, config reloads (SIGHUP or a
-//! changed file) and neighbour changes until SIGINT or SIGTERM. Forwarding
-//! outlives the process unless `--detach-on-exit` is given.
+//! changed file), neighbour changes and admin queries until SIGINT or SIGTERM.
+//! Forwarding outlives the process unless `--detach-on-exit` is given.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
+use lb_common::VipKey;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -18,12 +24,15 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    admin::{Admin, Query},
     config::{self, Config},
     dataplane::{Dataplane as _, aya::AyaDataplane},
     health::{Supervisor, Transition},
     loader::{self, Attached, Sizes},
+    metrics::Metrics,
     neighbour::NeighbourTable,
-    reconcile::{Health, Neighbours, Reconciler, vip_key},
+    reconcile::{Health, Neighbours, Reconciler, Swap, vip_key},
+    status::{self, Status},
 };
 
 /// How long start-up waits for backend MACs before attaching anyway (the
@@ -58,9 +67,29 @@ struct Daemon {
     neighbours: Neighbours,
     table: NeighbourTable,
     supervisor: Supervisor,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    attached: bool,
+    /// New-flow counters at the previous scrape (the skew window's start).
+    scraped_new_flows: BTreeMap<(VipKey, Ipv4Addr), u64>,
 }
 
 pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Result<()> {
+    // The admin listener comes first, so `/ready` answers 503 while starting.
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("admin.listen {}: cannot listen", config.admin_listen))?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (queries, mut requests) = mpsc::channel::<Query>(16);
+    Admin {
+        ready: ready.clone(),
+        queries,
+        metrics: metrics.clone(),
+    }
+    .spawn(listener);
+    info!(listen = %config.admin_listen, "admin listener up");
+
     let pin = config.pin_path.clone();
     let adopting = loader::is_pinned(&pin);
     let mut ebpf = loader::load(sizes(&config), Some(&pin))?;
@@ -89,9 +118,15 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
         health,
         neighbours,
         table,
-        supervisor: Supervisor::new(events),
+        supervisor: Supervisor::new(events, metrics.clone()),
+        metrics,
+        ready,
+        attached: false,
+        scraped_new_flows: BTreeMap::new(),
     };
-    d.reconciler.apply(&d.config, &d.health, &d.neighbours)?;
+    let swaps = d.reconciler.apply(&d.config, &d.health, &d.neighbours)?;
+    d.record(&swaps);
+    d.metrics.reloaded(true);
 
     let mode = match d.config.xdp_mode {
         config::XdpMode::Native => XdpMode::Driver,
@@ -103,6 +138,8 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             d.config.interface, d.config.xdp_mode
         )
     })?;
+    d.attached = true;
+    d.ready.store(true, Ordering::SeqCst);
     info!(
         interface = %d.config.interface,
         mode = ?d.config.xdp_mode,
@@ -119,10 +156,19 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     let mut config_poll = tokio::time::interval(CONFIG_POLL);
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut counters = tokio::time::interval(COUNTER_LOG);
+    // Set when a shutdown starts: the loop keeps serving until then.
+    let mut leave_at: Option<tokio::time::Instant> = None;
     loop {
+        let shutdown = async {
+            match leave_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = shutdown => break,
+            _ = sigint.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
+            _ = sigterm.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
             _ = sighup.recv() => d.reload(&options.config_path, "SIGHUP"),
             _ = config_poll.tick() => {
                 let text = std::fs::read_to_string(&options.config_path).ok();
@@ -132,6 +178,11 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
                 }
             }
             Some(t) = transitions.recv() => d.on_transition(t),
+            Some(q) = requests.recv() => {
+                if let Some(s) = d.status(q.scrape) {
+                    let _ = q.reply.send(s);
+                }
+            }
             _ = refresh.tick() => d.refresh_neighbours().await,
             _ = counters.tick() => d.log_counters(),
         }
@@ -151,11 +202,37 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
 }
 
 impl Daemon {
+    /// Stops advertising readiness; returns when to leave.
+    fn begin_shutdown(&mut self) -> tokio::time::Instant {
+        self.ready.store(false, Ordering::SeqCst);
+        info!(grace = ?self.config.shutdown_grace, "shutting down; /ready now answers 503");
+        tokio::time::Instant::now() + self.config.shutdown_grace
+    }
+
     fn sync_probes(&mut self) {
         let health = &self.health;
         self.supervisor.sync(&self.config, |vip, addr| {
             health.get(&(*vip, addr)).copied().unwrap_or(true)
         });
+    }
+
+    /// Counts table swaps in the metrics.
+    fn record(&self, swaps: &[Swap]) {
+        for s in swaps {
+            let Some(v) = self.config.vips.iter().find(|v| vip_key(v) == s.vip) else {
+                continue;
+            };
+            let labels = [format!("{}:{}", v.address, v.port), v.protocol.to_string()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            self.metrics
+                .maglev_rebuilds
+                .with_label_values(&labels)
+                .inc();
+            self.metrics
+                .maglev_build_duration
+                .with_label_values(&labels)
+                .observe(s.build.as_secs_f64());
+        }
     }
 
     fn on_transition(&mut self, t: Transition) {
@@ -165,9 +242,9 @@ impl Daemon {
             .apply(&self.config, &self.health, &self.neighbours)
         {
             Ok(swaps) => {
-                for s in swaps {
+                for s in &swaps {
                     info!(
-                        vip = %s.vip,
+                        vip = %s.name,
                         backend = %t.backend,
                         up = t.up,
                         members = s.members,
@@ -176,6 +253,7 @@ impl Daemon {
                         "table swapped"
                     );
                 }
+                self.record(&swaps);
             }
             Err(e) => error!(error = %e, "applying a health change failed"),
         }
@@ -188,15 +266,17 @@ impl Daemon {
             Ok(c) => c,
             Err(e) => {
                 error!(%trigger, error = %e, "reload rejected; the running config stays");
+                self.metrics.reloaded(false);
                 return;
             }
         };
         if new.fixed() != self.config.fixed() {
             error!(
                 %trigger,
-                "reload rejected: interface, xdp_mode, table_size, max_vips, flow_table.max_flows \
-                 and pin_path are fixed while lb runs; the running config stays"
+                "reload rejected: interface, xdp_mode, table_size, max_vips, flow_table.max_flows, \
+                 pin_path and admin.listen are fixed while lb runs; the running config stays"
             );
+            self.metrics.reloaded(false);
             return;
         }
         // Health of backends that are gone is forgotten.
@@ -208,13 +288,45 @@ impl Daemon {
         self.health.retain(|k, _| live.contains(k));
         match self.reconciler.apply(&new, &self.health, &self.neighbours) {
             Ok(swaps) => {
-                let rebuilt: Vec<&str> = swaps.iter().map(|s| s.vip.as_str()).collect();
+                let rebuilt: Vec<&str> = swaps.iter().map(|s| s.name.as_str()).collect();
                 info!(%trigger, ?rebuilt, "config reloaded");
                 self.config = new;
+                self.record(&swaps);
                 self.sync_probes();
+                self.metrics.reloaded(true);
             }
-            Err(e) => error!(%trigger, error = %e, "reload failed while applying"),
+            Err(e) => {
+                error!(%trigger, error = %e, "reload failed while applying");
+                self.metrics.reloaded(false);
+            }
         }
+    }
+
+    /// A snapshot for the admin listener; a scrape also restarts the skew
+    /// window. `None` when the counters cannot be read.
+    fn status(&mut self, scrape: bool) -> Option<Status> {
+        let counters = match self.reconciler.dataplane().counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "reading counters failed");
+                return None;
+            }
+        };
+        let r = &self.reconciler;
+        let s = status::build(&status::Inputs {
+            config: &self.config,
+            health: &self.health,
+            counters: &counters,
+            attached: self.attached,
+            ready: self.ready.load(Ordering::SeqCst),
+            traffic: &|k| r.vip_traffic(&counters, k),
+            shares: &|k| r.shares(k),
+            previous_new_flows: &self.scraped_new_flows,
+        });
+        if scrape {
+            self.scraped_new_flows = status::new_flows(&s, &self.config);
+        }
+        Some(s)
     }
 
     async fn refresh_neighbours(&mut self) {
@@ -223,7 +335,10 @@ impl Daemon {
             Ok(fresh) if fresh != self.neighbours => {
                 log_changes(&self.neighbours, &fresh);
                 match self.reconciler.apply(&self.config, &self.health, &fresh) {
-                    Ok(_) => self.neighbours = fresh,
+                    Ok(swaps) => {
+                        self.record(&swaps);
+                        self.neighbours = fresh;
+                    }
                     Err(e) => warn!(error = %e, "applying neighbour change failed; will retry"),
                 }
             }

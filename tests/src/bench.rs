@@ -95,7 +95,10 @@ pub struct Stats {
 impl Stats {
     fn of(mut v: Vec<f64>) -> Stats {
         v.sort_by(f64::total_cmp);
-        Stats { median: v[v.len() / 2], min: v[0] }
+        Stats {
+            median: v[v.len() / 2],
+            min: v[0],
+        }
     }
 }
 
@@ -157,7 +160,10 @@ const BACKENDS: [Ipv4Addr; 3] = [
 ];
 
 fn lb_config(max_flows: u32) -> String {
-    let backends: String = BACKENDS.iter().map(|b| format!("      - {{ address: {b}, weight: 1 }}\n")).collect();
+    let backends: String = BACKENDS
+        .iter()
+        .map(|b| format!("      - {{ address: {b}, weight: 1 }}\n"))
+        .collect();
     let vip = |name: &str, port: u16, proto: &str| {
         format!(
             "  - name: {name}\n    address: {VIP}\n    port: {port}\n    protocol: {proto}\n    forwarding: l2\n    backends:\n{backends}"
@@ -182,13 +188,29 @@ impl LbInstance {
     fn new(max_flows: u32) -> anyhow::Result<LbInstance> {
         let config = Config::parse(&lb_config(max_flows), std::path::Path::new("bench.yaml"))?;
         let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
-        let mut reconciler = Reconciler::new(AyaDataplane::new(&mut ebpf)?, config.table_size, config.max_vips);
+        let mut reconciler = Reconciler::new(
+            AyaDataplane::new(&mut ebpf)?,
+            config.table_size,
+            config.max_vips,
+        );
         let neighbours: Neighbours = BACKENDS
             .iter()
-            .map(|&b| (b, Neighbour { ifindex: 1, mac: backend_mac(b), src_mac: LB_MAC }))
+            .map(|&b| {
+                (
+                    b,
+                    Neighbour {
+                        ifindex: 1,
+                        mac: backend_mac(b),
+                        src_mac: LB_MAC,
+                    },
+                )
+            })
             .collect();
         reconciler.apply(&config, &Health::new(), &neighbours)?;
-        Ok(LbInstance { ebpf, _reconciler: reconciler })
+        Ok(LbInstance {
+            ebpf,
+            _reconciler: reconciler,
+        })
     }
 
     fn prog(&mut self) -> anyhow::Result<&mut Xdp> {
@@ -203,18 +225,28 @@ fn baseline(name: &str) -> anyhow::Result<(Ebpf, &'static str)> {
         "xdp_pass" => "xdp_pass",
         other => bail!("no baseline program {other}"),
     };
-    let prog: &mut Xdp = ebpf.program_mut(name).context("baseline program")?.try_into()?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .context("baseline program")?
+        .try_into()?;
     prog.load()?;
     Ok((ebpf, name))
 }
 
 /// Method A: mean of the kernel's per-call duration over `calls` calls, the
 /// i-th call running `packet(i)`.
-fn method_a(prog: &mut Xdp, calls: u32, mut packet: impl FnMut(u32) -> Vec<u8>) -> anyhow::Result<f64> {
+fn method_a(
+    prog: &mut Xdp,
+    calls: u32,
+    mut packet: impl FnMut(u32) -> Vec<u8>,
+) -> anyhow::Result<f64> {
     let mut total = Duration::ZERO;
     for i in 0..calls {
         let data = packet(i);
-        let r = prog.test_run(TestRunOptions { data_in: Some(&data), ..TestRunOptions::default() })?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(&data),
+            ..TestRunOptions::default()
+        })?;
         total += r.duration;
     }
     Ok(total.as_nanos() as f64 / calls as f64)
@@ -222,7 +254,11 @@ fn method_a(prog: &mut Xdp, calls: u32, mut packet: impl FnMut(u32) -> Vec<u8>) 
 
 /// Method B: one call repeating `packet` `repeat` times; the kernel's mean.
 fn method_b(prog: &mut Xdp, repeat: u32, packet: &[u8]) -> anyhow::Result<f64> {
-    let r = prog.test_run(TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::default() })?;
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
     Ok(r.duration.as_nanos() as f64)
 }
 
@@ -264,8 +300,16 @@ fn fill_flows(inst: &mut LbInstance, n: u32) -> anyhow::Result<()> {
     for cpu in 0..cpus {
         pin_to_cpu(cpu as usize)?;
         for n in (cpu..n as u64).step_by(cpus as usize) {
-            let p = tcp_syn(Ipv4Addr::from(0x0b00_0000u32 + (n / 64512) as u32), 1024 + (n % 64512) as u16, VIP, 80);
-            prog.test_run(TestRunOptions { data_in: Some(&p), ..TestRunOptions::default() })?;
+            let p = tcp_syn(
+                Ipv4Addr::from(0x0b00_0000u32 + (n / 64512) as u32),
+                1024 + (n % 64512) as u16,
+                VIP,
+                80,
+            );
+            prog.test_run(TestRunOptions {
+                data_in: Some(&p),
+                ..TestRunOptions::default()
+            })?;
         }
     }
     Ok(())
@@ -284,8 +328,14 @@ pub fn per_packet(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
     let non_vip = tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40002, OTHER, 80);
     for inst in [&mut lb, &mut full] {
         let prog = inst.prog()?;
-        for p in [&tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40000, VIP, 80), &udp_est] {
-            prog.test_run(TestRunOptions { data_in: Some(p), ..TestRunOptions::default() })?;
+        for p in [
+            &tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40000, VIP, 80),
+            &udp_est,
+        ] {
+            prog.test_run(TestRunOptions {
+                data_in: Some(p),
+                ..TestRunOptions::default()
+            })?;
         }
     }
     // Fill the second instance's flow table. Each CPU owns its share of the
@@ -294,14 +344,38 @@ pub fn per_packet(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
     pin_to_cpu(bench_cpu())?;
 
     let cases = [
-        Case { name: "ceiling: trivial XDP_TX (MAC swap)", target: None },
-        Case { name: "trivial XDP_PASS", target: None },
-        Case { name: "non-VIP packet (pass)", target: Some(1.3) },
-        Case { name: "TCP established (flow hit), L2", target: Some(2.0) },
-        Case { name: "TCP SYN, new flow (miss + Maglev + insert), L2", target: Some(4.0) },
-        Case { name: "UDP established, L2", target: Some(2.0) },
-        Case { name: "TCP established, 1M flows in table, L2", target: Some(2.0) },
-        Case { name: "TCP SYN, new flow, full flow table, L2", target: Some(6.0) },
+        Case {
+            name: "ceiling: trivial XDP_TX (MAC swap)",
+            target: None,
+        },
+        Case {
+            name: "trivial XDP_PASS",
+            target: None,
+        },
+        Case {
+            name: "non-VIP packet (pass)",
+            target: Some(1.3),
+        },
+        Case {
+            name: "TCP established (flow hit), L2",
+            target: Some(2.0),
+        },
+        Case {
+            name: "TCP SYN, new flow (miss + Maglev + insert), L2",
+            target: Some(4.0),
+        },
+        Case {
+            name: "UDP established, L2",
+            target: Some(2.0),
+        },
+        Case {
+            name: "TCP established, 1M flows in table, L2",
+            target: Some(2.0),
+        },
+        Case {
+            name: "TCP SYN, new flow, full flow table, L2",
+            target: Some(6.0),
+        },
     ];
     let mut a: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut b: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
@@ -335,7 +409,8 @@ pub fn per_packet(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
         a[7].push(method_a(p, s.calls, |i| new_flow_packet(base + i as u64))?);
         full_new_flows += s.calls as u64;
     }
-    let ratio = |v: &[f64], ceiling: &[f64]| Stats::of(v.iter().zip(ceiling).map(|(x, c)| x / c).collect());
+    let ratio =
+        |v: &[f64], ceiling: &[f64]| Stats::of(v.iter().zip(ceiling).map(|(x, c)| x / c).collect());
     Ok(cases
         .iter()
         .enumerate()
@@ -360,7 +435,20 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
     let lb_ns = Netns::new("bench-lb")?;
     crate::netns::run(
         "ip",
-        &["link", "add", "g0", "netns", gen_ns.name(), "type", "veth", "peer", "name", "eth0", "netns", lb_ns.name()],
+        &[
+            "link",
+            "add",
+            "g0",
+            "netns",
+            gen_ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            lb_ns.name(),
+        ],
     )?;
     gen_ns.ip(&["link", "set", "g0", "up"])?;
     lb_ns.ip(&["link", "set", "eth0", "up"])?;
@@ -379,8 +467,19 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
         let config = Config::parse(&config_text, std::path::Path::new("bench.yaml"))?;
         let ifindex = nix::net::if_::if_nametoindex("eth0")?;
         let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
-        let mut reconciler = Reconciler::new(AyaDataplane::new(&mut ebpf)?, config.table_size, config.max_vips);
-        let neighbours = Neighbours::from([(gen_addr, Neighbour { ifindex, mac: gen_mac, src_mac: lb_mac })]);
+        let mut reconciler = Reconciler::new(
+            AyaDataplane::new(&mut ebpf)?,
+            config.table_size,
+            config.max_vips,
+        );
+        let neighbours = Neighbours::from([(
+            gen_addr,
+            Neighbour {
+                ifindex,
+                mac: gen_mac,
+                src_mac: lb_mac,
+            },
+        )]);
         reconciler.apply(&config, &Health::new(), &neighbours)?;
         let (trivial, _) = baseline("xdp_tx_swap")?;
         Ok((ebpf, reconciler, trivial))
@@ -393,7 +492,10 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
             let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()?;
         }
-        let count: &mut Xdp = ebpf.program_mut("xdp_count_drop").context("count")?.try_into()?;
+        let count: &mut Xdp = ebpf
+            .program_mut("xdp_count_drop")
+            .context("count")?
+            .try_into()?;
         count.attach("g0", XdpMode::Driver)?;
         Ok((ebpf, nix::net::if_::if_nametoindex("g0")?))
     })??;
@@ -407,7 +509,10 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
     let cpu = bench_cpu();
     let frames = s.throughput_frames;
     // The two programs under test, and the pps each achieved per round.
-    let mut under = [(Some(lb), lb_common::PROGRAM_NAME, Vec::new()), (Some(trivial), "xdp_tx_swap", Vec::new())];
+    let mut under = [
+        (Some(lb), lb_common::PROGRAM_NAME, Vec::new()),
+        (Some(trivial), "xdp_tx_swap", Vec::new()),
+    ];
     for _round in 0..s.rounds {
         for (slot, name, pps_per_round) in under.iter_mut() {
             let name: &'static str = name;
@@ -422,29 +527,35 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
             })??;
             let before = received(&generator)?;
             let frame = frame.clone();
-            let (gen_back, elapsed) = gen_ns.enter(move || -> anyhow::Result<(Ebpf, Duration)> {
-                pin_to_cpu(cpu)?;
-                let mut ebpf = generator;
-                let p: &mut Xdp = ebpf.program_mut("xdp_gen").context("gen")?.try_into()?;
-                // struct xdp_md: the frames enter on g0, so XDP_TX sends them out of it.
-                let md: Vec<u8> =
-                    [0u32, frame.len() as u32, 0, gen_ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
-                let start = Instant::now();
-                p.test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&md),
-                    repeat: frames,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..TestRunOptions::default()
-                })?;
-                let elapsed = start.elapsed();
-                Ok((ebpf, elapsed))
-            })??;
+            let (gen_back, elapsed) =
+                gen_ns.enter(move || -> anyhow::Result<(Ebpf, Duration)> {
+                    pin_to_cpu(cpu)?;
+                    let mut ebpf = generator;
+                    let p: &mut Xdp = ebpf.program_mut("xdp_gen").context("gen")?.try_into()?;
+                    // struct xdp_md: the frames enter on g0, so XDP_TX sends them out of it.
+                    let md: Vec<u8> = [0u32, frame.len() as u32, 0, gen_ifindex, 0, 0]
+                        .iter()
+                        .flat_map(|w| w.to_ne_bytes())
+                        .collect();
+                    let start = Instant::now();
+                    p.test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        ctx_in: Some(&md),
+                        repeat: frames,
+                        attrs: TestRunAttrs::new().xdp_live_frames(64),
+                        ..TestRunOptions::default()
+                    })?;
+                    let elapsed = start.elapsed();
+                    Ok((ebpf, elapsed))
+                })??;
             generator = gen_back;
             // Let the last batch drain through both veth queues.
             std::thread::sleep(Duration::from_millis(50));
             let pps = (received(&generator)? - before) as f64 / elapsed.as_secs_f64();
-            let p: &mut Xdp = under_test.program_mut(name).context("program")?.try_into()?;
+            let p: &mut Xdp = under_test
+                .program_mut(name)
+                .context("program")?
+                .try_into()?;
             p.detach(link)?;
             pps_per_round.push(pps);
             *slot = Some(under_test);
@@ -472,9 +583,18 @@ fn received(generator: &Ebpf) -> anyhow::Result<u64> {
 fn link_mac(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
     let out = ns.ip(&["-o", "link", "show", dev])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).context("no MAC")?;
-    let bytes: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16)).collect::<Result<_, _>>()?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
+    let mac = text
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .context("no MAC")?;
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
 }
 
 pub fn maglev_builds(s: &Settings) -> Vec<MaglevBuild> {
@@ -482,7 +602,10 @@ pub fn maglev_builds(s: &Settings) -> Vec<MaglevBuild> {
     for table_size in [65537u32, 655373] {
         for n in [10usize, 100, 1000] {
             let backends: Vec<Weighted> = (0..n)
-                .map(|i| Weighted { address: Ipv4Addr::from(0x0a00_0000 + i as u32 * 7919), weight: 1 })
+                .map(|i| Weighted {
+                    address: Ipv4Addr::from(0x0a00_0000 + i as u32 * 7919),
+                    weight: 1,
+                })
                 .collect();
             let runs = (0..s.maglev_runs)
                 .map(|_| {
@@ -493,7 +616,11 @@ pub fn maglev_builds(s: &Settings) -> Vec<MaglevBuild> {
                     ms
                 })
                 .collect();
-            out.push(MaglevBuild { backends: n, table_size, ms: Stats::of(runs) });
+            out.push(MaglevBuild {
+                backends: n,
+                table_size,
+                ms: Stats::of(runs),
+            });
         }
     }
     out
@@ -502,7 +629,12 @@ pub fn maglev_builds(s: &Settings) -> Vec<MaglevBuild> {
 /// The reconcile step a health transition triggers, on real maps.
 pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
     let backends: String = (0..100u32)
-        .map(|i| format!("      - {{ address: {}, weight: 1 }}\n", Ipv4Addr::from(0x0a01_0000 + i)))
+        .map(|i| {
+            format!(
+                "      - {{ address: {}, weight: 1 }}\n",
+                Ipv4Addr::from(0x0a01_0000 + i)
+            )
+        })
         .collect();
     let text = format!(
         "interface: lo\nmaglev: {{ table_size: 65537 }}\nmax_vips: 1\nvips:\n  - name: web\n    address: {VIP}\n    port: 80\n    \
@@ -510,7 +642,11 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
     );
     let config = Config::parse(&text, std::path::Path::new("bench.yaml"))?;
     let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
-    let mut r = Reconciler::new(AyaDataplane::new(&mut ebpf)?, config.table_size, config.max_vips);
+    let mut r = Reconciler::new(
+        AyaDataplane::new(&mut ebpf)?,
+        config.table_size,
+        config.max_vips,
+    );
     let neighbours = Neighbours::new();
     r.apply(&config, &Health::new(), &neighbours)?;
     let key = vip_key(&config.vips[0]);
@@ -571,10 +707,18 @@ pub fn run(s: &Settings) -> anyhow::Result<Report> {
     let throughput = throughput(s)?;
     let maglev_build = maglev_builds(s);
     let health_transition_to_swap_ms = transition_to_swap(s)?;
-    let default_sizes = Sizes { table_size: 65537, max_vips: 16, max_flows: 262_144 };
+    let default_sizes = Sizes {
+        table_size: 65537,
+        max_vips: 16,
+        max_flows: 262_144,
+    };
     let mut memory = vec![self::memory("default", default_sizes)?];
     if s.largest_memory {
-        let largest = Sizes { table_size: 655_373, max_vips: lb_common::MAX_VIPS, max_flows: 16_777_216 };
+        let largest = Sizes {
+            table_size: 655_373,
+            max_vips: lb_common::MAX_VIPS,
+            max_flows: 16_777_216,
+        };
         memory.push(self::memory("largest", largest)?);
     }
     Ok(Report {
@@ -590,7 +734,12 @@ pub fn run(s: &Settings) -> anyhow::Result<Report> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = online_cpus();
@@ -599,7 +748,10 @@ fn machine() -> String {
 
 /// The report as the table `cargo xtask bench` prints.
 pub fn render(r: &Report) -> String {
-    let mut out = format!("Machine: {}\n\nPer-packet cost (BPF_PROG_TEST_RUN; ratios to the trivial XDP_TX program in the same round; median / min of rounds)\n", r.machine);
+    let mut out = format!(
+        "Machine: {}\n\nPer-packet cost (BPF_PROG_TEST_RUN; ratios to the trivial XDP_TX program in the same round; median / min of rounds)\n",
+        r.machine
+    );
     out += &format!(
         "{:<48} {:>14} {:>9} {:>8} {:>14} {:>9}\n",
         "case", "A ratio", "A ns", "target", "B ratio", "B ns"
@@ -611,7 +763,10 @@ pub fn render(r: &Report) -> String {
             None => String::new(),
         };
         let b = match (&c.b_ratio, &c.b_ns) {
-            (Some(r), Some(ns)) => (format!("{:.2}x / {:.2}x", r.median, r.min), format!("{:.1}", ns.median)),
+            (Some(r), Some(ns)) => (
+                format!("{:.2}x / {:.2}x", r.median, r.min),
+                format!("{:.1}", ns.median),
+            ),
             _ => ("n/a".into(), "n/a".into()),
         };
         out += &format!(
@@ -638,11 +793,18 @@ pub fn render(r: &Report) -> String {
     out += "\nMaglev table build (median / min ms):\n";
     for m in &r.maglev_build {
         let target = if m.backends == 1000 && m.table_size == 65537 {
-            if m.ms.median <= 2.0 { "  target <= 2 ms ok" } else { "  target <= 2 ms MISS" }
+            if m.ms.median <= 2.0 {
+                "  target <= 2 ms ok"
+            } else {
+                "  target <= 2 ms MISS"
+            }
         } else {
             ""
         };
-        out += &format!("  N = {:>4}, M = {:>6}: {:>8.3} / {:>8.3}{target}\n", m.backends, m.table_size, m.ms.median, m.ms.min);
+        out += &format!(
+            "  N = {:>4}, M = {:>6}: {:>8.3} / {:>8.3}{target}\n",
+            m.backends, m.table_size, m.ms.median, m.ms.min
+        );
     }
     out += &format!(
         "\nHealth transition to table swap (rebuild + write + swap, M = 65537, 100 backends): median {:.3} ms, min {:.3} ms\n",

@@ -117,6 +117,13 @@ impl L2Topology {
     /// Starts `lb run` inside the load balancer's namespace with `config` and
     /// waits until the program is attached.
     pub fn start_lb(&self, config: &str) -> anyhow::Result<LbProcess> {
+        let mut lb = LbProcess::start(&self.lb, config)?;
+        lb.wait_attached(0)?;
+        Ok(lb)
+    }
+
+    /// Starts `lb run` and returns at once (see [`LbProcess::wait_attached`]).
+    pub fn start_lb_unwaited(&self, config: &str) -> anyhow::Result<LbProcess> {
         LbProcess::start(&self.lb, config)
     }
 
@@ -385,6 +392,25 @@ impl LbProcess {
         Ok(lb)
     }
 
+    /// Waits until lb has logged its `attached` line `before + 1` times.
+    pub fn wait_attached(&mut self, before: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches("attached").count() <= before {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("lb exited with {status} before attaching:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("lb did not attach within 30s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("lb.yaml")
     }
@@ -410,7 +436,6 @@ impl LbProcess {
             .create(true)
             .append(true)
             .open(self.dir.join("lb.log"))?;
-        let before = self.log().matches("attached").count();
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.netns))
             .arg(lb_binary()?)
@@ -423,20 +448,6 @@ impl LbProcess {
             .spawn()
             .context("starting lb")?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.log().matches("attached").count() == before {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("lb exited with {status} before attaching:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("lb did not attach within 30s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Ok(())
     }
 
@@ -465,9 +476,12 @@ impl LbProcess {
         Ok(())
     }
 
-    /// Starts lb again with the same config and pin directory.
+    /// Starts lb again with the same config and pin directory, and waits
+    /// until it has attached.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.spawn()
+        let before = self.log().matches("attached").count();
+        self.spawn()?;
+        self.wait_attached(before)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -476,11 +490,21 @@ impl LbProcess {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Sends SIGTERM and waits (at most 10s) for the exit; returns the exit
-    /// status and everything logged. The pinned state stays (and with it
-    /// forwarding) unless lb was started to detach.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits for the exit (see [`wait_exit`](Self::wait_exit)).
+    /// The pinned state stays (and with it forwarding) unless lb was started
+    /// to detach.
     pub fn terminate(&mut self) -> anyhow::Result<(ExitStatus, String)> {
         self.signal(nix::sys::signal::Signal::SIGTERM)?;
+        self.wait_exit()
+    }
+
+    /// Waits (at most 10s) for lb to exit; returns the exit status and
+    /// everything logged.
+    pub fn wait_exit(&mut self) -> anyhow::Result<(ExitStatus, String)> {
         let mut child = self.child.take().context("lb is not running")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -489,7 +513,7 @@ impl LbProcess {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("lb did not exit within 10s of SIGTERM:\n{}", self.log());
+                bail!("lb did not exit within 10s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -501,8 +525,14 @@ impl LbProcess {
         let path = self.pin.join("maps").join(lb_common::map_names::STATS);
         let data = aya::maps::MapData::from_pin(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let map = aya::maps::PerCpuArray::<_, lb_common::StatBlock>::try_from(aya::maps::Map::PerCpuArray(data))?;
-        Ok(map.get(&0, 0)?.iter().map(|block| block[stat as usize]).sum())
+        let map = aya::maps::PerCpuArray::<_, lb_common::StatBlock>::try_from(
+            aya::maps::Map::PerCpuArray(data),
+        )?;
+        Ok(map
+            .get(&0, 0)?
+            .iter()
+            .map(|block| block[stat as usize])
+            .sum())
     }
 
     /// Runs `lb stop` for this instance's config.

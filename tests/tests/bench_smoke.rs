@@ -15,11 +15,21 @@ fn the_benchmark_runs_and_reports_every_figure() {
     assert_eq!(report.per_packet.len(), 8);
     for c in &report.per_packet {
         assert!(c.a_ns.median > 0.0 && c.a_ratio.median.is_finite(), "{c:?}");
-        assert_eq!(c.b_ns.is_some(), !c.case.contains("new flow"), "method B only where the packet is reusable: {c:?}");
+        assert_eq!(
+            c.b_ns.is_some(),
+            !c.case.contains("new flow"),
+            "method B only where the packet is reusable: {c:?}"
+        );
     }
-    assert!((report.per_packet[0].a_ratio.median - 1.0).abs() < 1e-9, "the ceiling is its own unit");
+    assert!(
+        (report.per_packet[0].a_ratio.median - 1.0).abs() < 1e-9,
+        "the ceiling is its own unit"
+    );
     let t = &report.throughput;
-    assert!(t.lb_pps.median > 0.0 && t.trivial_tx_pps.median > 0.0, "{t:?}");
+    assert!(
+        t.lb_pps.median > 0.0 && t.trivial_tx_pps.median > 0.0,
+        "{t:?}"
+    );
     assert_eq!(report.maglev_build.len(), 6);
     assert!(report.health_transition_to_swap_ms.median > 0.0);
     let default = &report.memory[0];

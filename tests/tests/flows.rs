@@ -100,7 +100,11 @@ fn a_syn_is_placed_and_the_rest_of_its_flow_hits() {
     let web = traffic.iter().find(|v| v.name == "web").unwrap();
     let new_flows: u64 = web.backends.iter().map(|(_, t)| t.new_flows).sum();
     let packets: u64 = web.backends.iter().map(|(_, t)| t.packets).sum();
-    assert_eq!((new_flows, packets, web.total.packets), (50, 200, 200), "only placements count as new flows");
+    assert_eq!(
+        (new_flows, packets, web.total.packets),
+        (50, 200, 200),
+        "only placements count as new flows"
+    );
 }
 
 #[test]

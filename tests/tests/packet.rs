@@ -113,7 +113,10 @@ fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
             t.packets, per_backend[addr],
             "backend {addr} packet counter"
         );
-        assert_eq!(t.new_flows, per_backend[addr], "every SYN was a new flow for {addr}");
+        assert_eq!(
+            t.new_flows, per_backend[addr],
+            "every SYN was a new flow for {addr}"
+        );
         assert_eq!(
             t.bytes,
             per_backend[addr] * (bytes / n),

@@ -14,8 +14,9 @@ use clap::{Parser, Subcommand};
 const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// Debian packages the kernel-tier tests and the demo call: `ip`, `ethtool`,
-/// `sysctl`.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps"];
+/// `sysctl`, `nsenter`, and Prometheus (server and promtool) for the metrics
+/// tests.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux", "prometheus"];
 
 #[derive(Parser)]
 struct Cli {
@@ -154,5 +155,13 @@ fn bench() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads XDP programs and creates network namespaces: run it as root");
     }
-    run(cargo().args(["run", "--release", "--quiet", "--package", "lb-tests", "--bin", "bench"]))
+    run(cargo().args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "lb-tests",
+        "--bin",
+        "bench",
+    ]))
 }

@@ -40,7 +40,11 @@ impl AyaDataplane {
             Some(aya::maps::Map::Array(data)) if data.info().is_ok_and(|i| i.value_size() == 8) => {
                 MappedSlots::new(data)?
             }
-            _ => return Err(DataplaneError::MissingMap { map: map_names::MAGLEV }),
+            _ => {
+                return Err(DataplaneError::MissingMap {
+                    map: map_names::MAGLEV,
+                });
+            }
         };
         Ok(Self {
             vips: take(ebpf, map_names::VIPS)?,
@@ -112,16 +116,24 @@ impl Dataplane for AyaDataplane {
         Ok(())
     }
 
-    fn zero_traffic(&mut self, vip: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError> {
+    fn zero_traffic(
+        &mut self,
+        vip: Option<u32>,
+        backend: Option<u32>,
+    ) -> Result<(), DataplaneError> {
         let zeros = || -> Result<PerCpuValues<Traffic>, DataplaneError> {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
             PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(DataplaneError::Cpus)
         };
         if let Some(id) = vip {
-            self.vip_stats.set(id, zeros()?, 0).map_err(map_err(map_names::VIP_STATS))?;
+            self.vip_stats
+                .set(id, zeros()?, 0)
+                .map_err(map_err(map_names::VIP_STATS))?;
         }
         if let Some(id) = backend {
-            self.backend_stats.set(id, zeros()?, 0).map_err(map_err(map_names::BACKEND_STATS))?;
+            self.backend_stats
+                .set(id, zeros()?, 0)
+                .map_err(map_err(map_names::BACKEND_STATS))?;
         }
         Ok(())
     }
@@ -198,18 +210,32 @@ impl MappedSlots {
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
         }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u32>()).ok_or(DataplaneError::Mmap(std::io::Error::other("null mapping")))?;
-        Ok(Self { ptr, len, bytes, _map: map })
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u32>())
+            .ok_or(DataplaneError::Mmap(std::io::Error::other("null mapping")))?;
+        Ok(Self {
+            ptr,
+            len,
+            bytes,
+            _map: map,
+        })
     }
 
     fn write(&mut self, base: u32, slots: &[u32]) -> Result<(), DataplaneError> {
         let start = base as usize;
         if start + slots.len() > self.len {
-            return Err(DataplaneError::TableOutOfRange { base, len: slots.len(), capacity: self.len as u32 });
+            return Err(DataplaneError::TableOutOfRange {
+                base,
+                len: slots.len(),
+                capacity: self.len as u32,
+            });
         }
         // SAFETY: the range was checked against the mapping's length above.
         unsafe {
-            std::ptr::copy_nonoverlapping(slots.as_ptr(), self.ptr.as_ptr().add(start), slots.len());
+            std::ptr::copy_nonoverlapping(
+                slots.as_ptr(),
+                self.ptr.as_ptr().add(start),
+                slots.len(),
+            );
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())

@@ -86,7 +86,11 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn zero_traffic(&mut self, vip: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError> {
+    fn zero_traffic(
+        &mut self,
+        vip: Option<u32>,
+        backend: Option<u32>,
+    ) -> Result<(), DataplaneError> {
         self.log.push(format!("zero_traffic {vip:?} {backend:?}"));
         Ok(())
     }

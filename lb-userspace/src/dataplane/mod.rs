@@ -48,9 +48,11 @@ impl Counters {
     /// reasons (the program counts each passed or dropped packet once).
     pub fn stat(&self, stat: Stat) -> u64 {
         match stat {
-            Stat::ActionPass | Stat::ActionDrop => {
-                Stat::ALL.iter().filter(|s| s.action() == Some(stat)).map(|&s| self.raw(s)).sum()
-            }
+            Stat::ActionPass | Stat::ActionDrop => Stat::ALL
+                .iter()
+                .filter(|s| s.action() == Some(stat))
+                .map(|&s| self.raw(s))
+                .sum(),
             _ => self.raw(stat),
         }
     }
@@ -92,7 +94,11 @@ pub trait Dataplane {
     fn counters(&self) -> Result<Counters, DataplaneError>;
     /// Zeroes the traffic counters of a VIP id and/or a backend id about to
     /// be given to a new VIP or backend, so it does not inherit old counts.
-    fn zero_traffic(&mut self, vip: Option<u32>, backend: Option<u32>) -> Result<(), DataplaneError>;
+    fn zero_traffic(
+        &mut self,
+        vip: Option<u32>,
+        backend: Option<u32>,
+    ) -> Result<(), DataplaneError>;
     /// Every VIP entry, and every backend entry ever written (generation
     /// non-zero): what a restarted control plane adopts.
     fn snapshot(&self) -> Result<Snapshot, DataplaneError>;

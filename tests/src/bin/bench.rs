@@ -8,8 +8,15 @@ use lb_tests::bench::{self, Settings};
 
 fn main() -> anyhow::Result<()> {
     let smoke = std::env::args().any(|a| a == "--smoke");
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark loads XDP programs: run it as root");
-    let settings = if smoke { Settings::smoke() } else { Settings::full() };
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark loads XDP programs: run it as root"
+    );
+    let settings = if smoke {
+        Settings::smoke()
+    } else {
+        Settings::full()
+    };
     let report = bench::run(&settings)?;
     print!("{}", bench::render(&report));
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -18,7 +25,8 @@ fn main() -> anyhow::Result<()> {
         .join("bench");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(if smoke { "smoke.json" } else { "results.json" });
-    std::fs::write(&file, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", file.display()))?;
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", file.display()))?;
     println!("\nWrote {}", file.display());
     Ok(())
 }

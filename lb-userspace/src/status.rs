@@ -1,0 +1,255 @@
+//! A point-in-time view of the running instance: every VIP, its backends with
+//! state, health, weight, table share and counters, and the program's global
+//! counters. Built by the daemon loop (the only owner of that state) on
+//! request; served as JSON by `/status`, rendered by `/metrics` and printed by
+//! `lb status`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use lb_common::{Stat, VipKey};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{BackendState, Config},
+    dataplane::Counters,
+    reconcile::{Health, plan_vip, vip_key},
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub interface: String,
+    pub xdp_mode: String,
+    pub attached: bool,
+    pub ready: bool,
+    /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`).
+    pub counters: BTreeMap<String, u64>,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub name: String,
+    /// `address:port`, the metrics' `vip` label.
+    pub vip: String,
+    pub protocol: String,
+    pub forwarding: String,
+    pub on_all_down: String,
+    pub healthy_backends: usize,
+    pub all_down: bool,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// The busiest backend's share of new flows since the previous scrape,
+    /// over its share of the table; `None` when no flow started since.
+    pub skew: Option<f64>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: Ipv4Addr,
+    pub state: String,
+    pub up: bool,
+    pub weight: u32,
+    /// Fraction of the VIP's table slots.
+    pub table_share: f64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// The inputs the daemon holds; `traffic` gives a VIP's counters and its
+/// backends' by address, `shares` each backend's table share.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub health: &'a Health,
+    pub counters: &'a Counters,
+    pub attached: bool,
+    pub ready: bool,
+    pub traffic:
+        &'a dyn Fn(&VipKey) -> (lb_common::Traffic, BTreeMap<Ipv4Addr, lb_common::Traffic>),
+    pub shares: &'a dyn Fn(&VipKey) -> BTreeMap<Ipv4Addr, f64>,
+    /// New-flow counts at the previous scrape, for the skew window.
+    pub previous_new_flows: &'a BTreeMap<(VipKey, Ipv4Addr), u64>,
+}
+
+pub fn build(i: &Inputs) -> Status {
+    let counters = Stat::ALL
+        .iter()
+        .map(|&s| (s.name().to_string(), i.counters.stat(s)))
+        .collect();
+    let vips = i
+        .config
+        .vips
+        .iter()
+        .map(|v| {
+            let key = vip_key(v);
+            let up = |a: Ipv4Addr| i.health.get(&(key, a)).copied().unwrap_or(true);
+            let plan = plan_vip(v, up);
+            let (total, per_backend) = (i.traffic)(&key);
+            let shares = (i.shares)(&key);
+            let backends: Vec<BackendStatus> = v
+                .backends
+                .iter()
+                .map(|b| {
+                    let t = per_backend.get(&b.address).copied().unwrap_or_default();
+                    BackendStatus {
+                        address: b.address,
+                        state: state_name(b.state).into(),
+                        up: up(b.address),
+                        weight: b.weight,
+                        table_share: shares.get(&b.address).copied().unwrap_or(0.0),
+                        packets: t.packets,
+                        bytes: t.bytes,
+                        new_flows: t.new_flows,
+                    }
+                })
+                .collect();
+            let deltas: Vec<(f64, f64)> = backends
+                .iter()
+                .map(|b| {
+                    let before = i
+                        .previous_new_flows
+                        .get(&(key, b.address))
+                        .copied()
+                        .unwrap_or(0);
+                    (b.new_flows.saturating_sub(before) as f64, b.table_share)
+                })
+                .collect();
+            VipStatus {
+                name: v.name.clone(),
+                vip: format!("{}:{}", v.address, v.port),
+                protocol: v.protocol.to_string(),
+                forwarding: format!("{:?}", v.forwarding).to_lowercase(),
+                on_all_down: format!("{:?}", v.on_all_down).to_lowercase(),
+                healthy_backends: v
+                    .backends
+                    .iter()
+                    .filter(|b| b.state != BackendState::Disabled && up(b.address))
+                    .count(),
+                all_down: plan.all_down,
+                packets: total.packets,
+                bytes: total.bytes,
+                new_flows: backends.iter().map(|b| b.new_flows).sum(),
+                skew: skew(&deltas),
+                backends,
+            }
+        })
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        interface: i.config.interface.clone(),
+        xdp_mode: format!("{:?}", i.config.xdp_mode).to_lowercase(),
+        attached: i.attached,
+        ready: i.ready,
+        counters,
+        vips,
+    }
+}
+
+/// The table `lb status` prints, in the manner of `ipvsadm -Ln --stats`.
+pub fn render(s: &Status) -> String {
+    let mut out = format!(
+        "lb {} on {} ({} XDP, {}, {})\n",
+        s.version,
+        s.interface,
+        s.xdp_mode,
+        if s.attached {
+            "attached"
+        } else {
+            "not attached"
+        },
+        if s.ready { "ready" } else { "not ready" }
+    );
+    for v in &s.vips {
+        let enabled = v.backends.iter().filter(|b| b.state != "disabled").count();
+        out += &format!(
+            "\nVIP {} {}/{} {}, {}/{} healthy{}, {} packets, {} bytes, {} new flows\n",
+            v.name,
+            v.vip,
+            v.protocol,
+            v.forwarding,
+            v.healthy_backends,
+            enabled,
+            if v.all_down {
+                format!(", ALL DOWN ({})", v.on_all_down)
+            } else {
+                String::new()
+            },
+            v.packets,
+            v.bytes,
+            v.new_flows
+        );
+        out += &format!(
+            "  {:<16} {:<9} {:<6} {:>6} {:>7} {:>12} {:>14} {:>10}\n",
+            "backend", "state", "health", "weight", "slots%", "packets", "bytes", "new flows"
+        );
+        for b in &v.backends {
+            out += &format!(
+                "  {:<16} {:<9} {:<6} {:>6} {:>7.2} {:>12} {:>14} {:>10}\n",
+                b.address.to_string(),
+                b.state,
+                if b.up { "up" } else { "down" },
+                b.weight,
+                b.table_share * 100.0,
+                b.packets,
+                b.bytes,
+                b.new_flows
+            );
+        }
+    }
+    out
+}
+
+fn state_name(s: BackendState) -> &'static str {
+    match s {
+        BackendState::Active => "active",
+        BackendState::Drain => "drain",
+        BackendState::Disabled => "disabled",
+    }
+}
+
+/// `(new flows in the window, expected share)` per backend -> the busiest
+/// backend's share of the window's new flows over its expected share.
+pub fn skew(deltas: &[(f64, f64)]) -> Option<f64> {
+    let total: f64 = deltas.iter().map(|d| d.0).sum();
+    if total == 0.0 {
+        return None;
+    }
+    let &(busiest, expected) = deltas.iter().max_by(|a, b| a.0.total_cmp(&b.0))?;
+    if expected == 0.0 {
+        // New flows to a backend outside the table (re-placed ones cannot
+        // land there, so this is a transient around a swap): report no skew.
+        return None;
+    }
+    Some(busiest / total / expected)
+}
+
+/// The new-flow counters of `status`, for the next skew window.
+pub fn new_flows(status: &Status, config: &Config) -> BTreeMap<(VipKey, Ipv4Addr), u64> {
+    config
+        .vips
+        .iter()
+        .zip(&status.vips)
+        .flat_map(|(v, s)| {
+            s.backends
+                .iter()
+                .map(move |b| ((vip_key(v), b.address), b.new_flows))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skew_is_the_busiest_backends_share_over_its_expected_share() {
+        // Expected 1/4, 1/4, 1/2; the first took half of 100 new flows.
+        assert_eq!(skew(&[(50.0, 0.25), (25.0, 0.25), (25.0, 0.5)]), Some(2.0));
+        // Exactly as expected.
+        assert_eq!(skew(&[(25.0, 0.25), (25.0, 0.25), (50.0, 0.5)]), Some(1.0));
+        assert_eq!(skew(&[(0.0, 0.5), (0.0, 0.5)]), None, "no flows, no skew");
+    }
+}
