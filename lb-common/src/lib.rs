@@ -95,8 +95,6 @@ pub struct VipEntry {
     pub table_base: u32,
     /// Number of slots in the table (a prime).
     pub table_size: u32,
-    /// One of the `FORWARD_*` constants.
-    pub forwarding: u32,
 }
 
 /// Forwarding mode: rewrite MACs and send on the same L2 segment.
@@ -178,12 +176,16 @@ pub struct FlowEntry {
     pub backend_id: u32,
     /// The backend's [`BackendEntry::generation`] when the flow was placed.
     pub generation: u32,
-    /// `bpf_ktime_get_ns()` of the last packet (UDP only; refreshed at most
-    /// once per [`UDP_LAST_SEEN_GRANULARITY_NS`] to spare the cache line).
+    /// `bpf_ktime_get_coarse_ns()` of the last packet (UDP only; refreshed at
+    /// most once per [`UDP_LAST_SEEN_GRANULARITY_NS`] to spare the cache line).
     pub last_seen_ns: u64,
 }
 
 pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Version of every map's key and value layout; bump it with any change to
+/// them (sizes alone do not catch reordered fields).
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]
@@ -191,13 +193,16 @@ pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 pub struct GlobalConfig {
     /// Seed of the flow hash; identical on every instance behind one ECMP VIP.
     pub hash_seed: u32,
-    pub _pad: u32,
+    /// [`LAYOUT_VERSION`] of the control plane that wrote the maps, so a
+    /// restarted `lb` refuses pinned maps whose layout it does not know.
+    pub layout_version: u32,
     /// A UDP flow idle for longer than this is placed afresh.
     pub udp_idle_timeout_ns: u64,
 }
 
 /// Packet, byte and new-flow counts; the value of `VIP_STATS` and
-/// `BACKEND_STATS` (per-CPU arrays, summed by userspace).
+/// `BACKEND_STATS` (per-CPU arrays, summed by userspace). A VIP's `new_flows`
+/// stays 0: its new flows are the sum of its backends'.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Traffic {
@@ -209,11 +214,12 @@ pub struct Traffic {
 
 macro_rules! stats {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal, )+) => {
-        /// Index of a global counter in the per-CPU `STATS` array: one per XDP
-        /// action, then one per reason a packet was passed or dropped, then
-        /// the flow-table results. The program counts a passed or dropped
-        /// packet once, under its reason; userspace derives `ActionPass` and
-        /// `ActionDrop` as the sums of their reasons (see [`Stat::action`]).
+        /// Index of a global counter in the per-CPU `STATS` block: the XDP
+        /// actions, the reasons a packet was passed, the flow-table results and
+        /// the reasons a packet was dropped. The program counts a passed or
+        /// dropped packet once, under its reason; the `ActionPass` and
+        /// `ActionDrop` slots stay 0 and userspace derives them as the sums of
+        /// their reasons (see [`Stat::action`]).
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
         pub enum Stat {
@@ -305,7 +311,7 @@ mod pod {
 
 // Sizes are the sum of the fields: no implicit padding anywhere.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
-const _: () = assert!(core::mem::size_of::<VipEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<VipEntry>() == 12);
 const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);

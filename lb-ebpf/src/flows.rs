@@ -60,7 +60,8 @@ pub fn lookup(flow: &Flow) -> Lookup {
     };
     // SAFETY: pointer into the map's value, valid for this program run.
     let entry = unsafe { &mut *entry };
-    let idle = now.wrapping_sub(entry.last_seen_ns);
+    // Saturating: another CPU may just have stored a later timestamp.
+    let idle = now.saturating_sub(entry.last_seen_ns);
     if udp && idle > CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns) {
         return Lookup::Miss {
             outcome: Stat::FlowMissSyn,

@@ -427,7 +427,13 @@ impl Problems {
 fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut p = Problems(Vec::new());
 
-    if raw.interface.is_empty() || raw.interface.len() >= libc::IF_NAMESIZE {
+    // The name also becomes a path component of the default pin_path.
+    if raw.interface.contains('/') || raw.interface == "." || raw.interface == ".." {
+        p.add(
+            "interface",
+            format!("`{}` is not an interface name", raw.interface),
+        );
+    } else if raw.interface.is_empty() || raw.interface.len() >= libc::IF_NAMESIZE {
         p.add(
             "interface",
             format!("must be 1 to {} characters", libc::IF_NAMESIZE - 1),
@@ -900,6 +906,17 @@ vips:
         assert!(e.contains("vips[0].port"), "{e}");
         let e = error_with("port: 80", "port: 65536");
         assert!(e.contains("vips[0].port"), "{e}");
+    }
+
+    #[test]
+    fn rejects_interface_names_that_are_paths() {
+        for name in ["..", ".", "eth0/../x"] {
+            let e = error_with("interface: eth0", &format!("interface: \"{name}\""));
+            assert!(
+                e.contains("interface") && e.contains("not an interface name"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

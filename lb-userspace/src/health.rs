@@ -134,6 +134,8 @@ async fn http_get(stream: &mut TcpStream, path: &str, host: Ipv4Addr) -> Result<
 pub struct Transition {
     pub vip: VipKey,
     pub backend: Ipv4Addr,
+    /// The probe task that saw it; see [`Supervisor::is_current`].
+    pub task: u64,
     pub up: bool,
     /// When the deciding probe finished (for detection-to-swap latency).
     pub at: Instant,
@@ -141,9 +143,17 @@ pub struct Transition {
 
 /// Runs one probe task per (VIP, backend) of the current config.
 pub struct Supervisor {
-    tasks: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, JoinHandle<()>)>,
+    tasks: BTreeMap<(VipKey, Ipv4Addr), Task>,
     events: mpsc::Sender<Transition>,
     metrics: Arc<Metrics>,
+    next_task: u64,
+}
+
+struct Task {
+    id: u64,
+    check: HealthCheck,
+    labels: Labels,
+    handle: JoinHandle<()>,
 }
 
 impl Supervisor {
@@ -152,7 +162,16 @@ impl Supervisor {
             tasks: BTreeMap::new(),
             events,
             metrics,
+            next_task: 0,
         }
+    }
+
+    /// Whether a transition comes from the task now probing its backend (a
+    /// task stopped by [`sync`](Self::sync) may have queued one before).
+    pub fn is_current(&self, t: &Transition) -> bool {
+        self.tasks
+            .get(&(t.vip, t.backend))
+            .is_some_and(|task| task.id == t.task)
     }
 
     /// Starts tasks for new backends (in state `initial(vip, backend)`), stops
@@ -175,10 +194,18 @@ impl Supervisor {
                 wanted.insert((key, b.address), (vip.health_check.clone(), offset, labels));
             }
         }
-        self.tasks.retain(|k, (check, task)| {
-            let keep = wanted.get(k).is_some_and(|(c, _, _)| c == check);
+        let metrics = &self.metrics;
+        self.tasks.retain(|k, task| {
+            let keep = wanted.get(k).is_some_and(|(c, _, _)| *c == task.check);
             if !keep {
-                task.abort();
+                task.handle.abort();
+                // Its series stop; they must not stay at their last values.
+                for result in ["success", "refused", "timeout", "bad_status", "error"] {
+                    let l = &task.labels;
+                    let _ = metrics
+                        .health_checks
+                        .remove_label_values(&[&l.vip, &l.proto, &l.backend, result]);
+                }
             }
             keep
         });
@@ -186,29 +213,40 @@ impl Supervisor {
             if self.tasks.contains_key(&k) {
                 continue;
             }
+            self.next_task += 1;
             let probe = Probe {
                 vip: k.0,
                 backend: k.1,
+                task: self.next_task,
                 check: check.clone(),
-                labels,
+                labels: labels.clone(),
                 events: self.events.clone(),
                 metrics: self.metrics.clone(),
             };
-            let task = tokio::spawn(probe.run(HealthState::new(initial(&k.0, k.1)), offset));
-            self.tasks.insert(k, (check, task));
+            let handle = tokio::spawn(probe.run(HealthState::new(initial(&k.0, k.1)), offset));
+            self.tasks.insert(
+                k,
+                Task {
+                    id: self.next_task,
+                    check,
+                    labels,
+                    handle,
+                },
+            );
         }
     }
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
-            task.abort();
+        for task in self.tasks.values() {
+            task.handle.abort();
         }
     }
 }
 
 /// Metric labels of one probe task.
+#[derive(Clone)]
 struct Labels {
     vip: String,
     proto: String,
@@ -219,6 +257,7 @@ struct Labels {
 struct Probe {
     vip: VipKey,
     backend: Ipv4Addr,
+    task: u64,
     check: HealthCheck,
     labels: Labels,
     events: mpsc::Sender<Transition>,
@@ -246,6 +285,7 @@ impl Probe {
             }
             let t = Transition {
                 vip: self.vip,
+                task: self.task,
                 backend,
                 up,
                 at: Instant::now(),

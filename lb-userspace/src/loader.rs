@@ -30,8 +30,8 @@ use lb_common::{
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-/// The reference programs (`xdp_pass`, `xdp_tx_swap`) used by test rigs and the
-/// benchmark.
+/// The reference programs used by test rigs and the benchmark (`xdp_pass`,
+/// `xdp_tx_swap`, `xdp_gen`, `xdp_count_drop`).
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
 
@@ -64,6 +64,8 @@ pub enum LoadError {
         "{path} is not on a BPF filesystem; mount one there (mount -t bpf bpf DIR) or choose another pin_path"
     )]
     NotBpffs { path: PathBuf },
+    #[error("another lb is running with pin_path {path}")]
+    Locked { path: PathBuf },
 }
 
 /// Map sizes fixed at load time.
@@ -127,9 +129,41 @@ fn link_pin(dir: &Path) -> PathBuf {
     dir.join("link")
 }
 
-/// True when `dir` holds the attachment of a previous `lb run`.
+/// True when `dir` holds the maps of a previous `lb run` (whether or not its
+/// attachment survived): they must be adopted, never treated as empty.
 pub fn is_pinned(dir: &Path) -> bool {
+    map_pin(dir, map_names::VIPS).exists()
+}
+
+/// True while the attachment's link is pinned (`lb stop` removes it).
+pub fn link_is_pinned(dir: &Path) -> bool {
     link_pin(dir).exists()
+}
+
+/// An exclusive lock on the pin directory, held for the life of `lb run`, so
+/// two control planes never write the same maps.
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+pub fn lock(pin_dir: &Path) -> Result<PinLock, LoadError> {
+    use std::os::fd::AsRawFd as _;
+    ensure_bpffs(pin_dir)?;
+    std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let dir = std::fs::File::open(pin_dir).map_err(|source| LoadError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(LoadError::Locked {
+            path: pin_dir.to_owned(),
+        });
+    }
+    Ok(PinLock { _dir: dir })
 }
 
 /// Creates (or, with `pin_dir`, opens or creates and pins) the maps, sized for
@@ -231,22 +265,27 @@ pub fn attach(
     Ok(Attached::Fresh)
 }
 
-/// Detaches and forgets everything pinned under `pin_dir`: unpinning the link
-/// detaches the program (no process holds it), then the maps go. Returns
-/// whether anything was there.
+/// Detaches and forgets what `lb` pinned under `pin_dir`: unpinning the link
+/// detaches the program (no process holds it), then the maps go. Only the
+/// files `lb` creates are removed, and the directories only if that leaves
+/// them empty, so a mistaken `pin_path` cannot take other pins with it.
+/// Returns whether anything was there.
 pub fn remove_pins(pin_dir: &Path) -> Result<bool, LoadError> {
-    if !pin_dir.exists() {
-        return Ok(false);
+    let mut found = false;
+    let files = std::iter::once(link_pin(pin_dir))
+        .chain(map_names::ALL.iter().map(|m| map_pin(pin_dir, m)));
+    for path in files {
+        match std::fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::Io { path, source }),
+        }
     }
-    let link = link_pin(pin_dir);
-    if link.exists() {
-        std::fs::remove_file(&link).map_err(|source| LoadError::Io { path: link, source })?;
+    for dir in [pin_dir.join("maps"), pin_dir.to_owned()] {
+        // Fails harmlessly when missing or when something else lives there.
+        let _ = std::fs::remove_dir(dir);
     }
-    std::fs::remove_dir_all(pin_dir).map_err(|source| LoadError::Io {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    Ok(true)
+    Ok(found)
 }
 
 /// Makes sure `dir` can hold pins: its nearest existing ancestor must be on a
@@ -259,8 +298,10 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     if is_bpffs(existing) {
         return Ok(());
     }
+    // Only the conventional mount point is mounted on demand (needs
+    // CAP_SYS_ADMIN); anything else is the operator's to set up.
     let root = Path::new("/sys/fs/bpf");
-    if dir.starts_with(root) && existing == root || existing.starts_with(root) && !is_bpffs(root) {
+    if existing == root {
         mount_bpffs(root)?;
         if is_bpffs(root) {
             return Ok(());

@@ -233,18 +233,28 @@ fn print_plan(file: &std::path::Path, c: &Config) {
             vip.on_all_down,
         );
         println!(
-            "  {:<16} {:>6} {:>8} {:>8} {:>9}",
-            "backend", "weight", "slots", "share", "expected"
+            "  {:<16} {:<8} {:>6} {:>8} {:>8} {:>9}",
+            "backend", "state", "weight", "slots", "share", "expected"
         );
+        // Every configured backend; draining and disabled ones hold no slots.
         let total_weight: u64 = table.backends.iter().map(|b| b.weight as u64).sum();
-        for (b, slots) in table.backends.iter().zip(table.slot_counts()) {
+        let counts = table.slot_counts();
+        for b in &vip.backends {
+            let in_table = table.backends.iter().position(|t| t.address == b.address);
+            let slots = in_table.map_or(0, |i| counts[i]);
+            let expected = if in_table.is_some() {
+                100.0 * b.weight as f64 / total_weight as f64
+            } else {
+                0.0
+            };
             println!(
-                "  {:<16} {:>6} {:>8} {:>7.2}% {:>8.2}%",
+                "  {:<16} {:<8} {:>6} {:>8} {:>7.2}% {:>8.2}%",
                 b.address.to_string(),
+                format!("{:?}", b.state).to_lowercase(),
                 b.weight,
                 slots,
                 100.0 * slots as f64 / c.table_size as f64,
-                100.0 * b.weight as f64 / total_weight as f64,
+                expected,
             );
         }
     }

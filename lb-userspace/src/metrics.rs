@@ -183,6 +183,12 @@ fn register_status(r: &Registry, s: &Status) {
         "Enabled backends passing health checks.",
         &["vip", "proto"],
     );
+    let all_down = gauge(
+        r,
+        "lb_vip_all_down",
+        "1 while no active backend is healthy (on_all_down applies).",
+        &["vip", "proto"],
+    );
     let skew = gauge(
         r,
         "lb_vip_backend_skew",
@@ -196,6 +202,7 @@ fn register_status(r: &Registry, s: &Status) {
         healthy
             .with_label_values(&vl)
             .set(v.healthy_backends as f64);
+        all_down.with_label_values(&vl).set(v.all_down as u8 as f64);
         skew.with_label_values(&vl).set(v.skew.unwrap_or(0.0));
         for b in &v.backends {
             let addr = b.address.to_string();
@@ -323,6 +330,7 @@ mod tests {
             r#"lb_backend_weight{backend="10.0.0.2",proto="tcp",vip="10.0.0.1:80"} 3"#,
             r#"lb_backend_table_share{backend="10.0.0.2",proto="tcp",vip="10.0.0.1:80"} 1"#,
             r#"lb_vip_backend_skew{proto="tcp",vip="10.0.0.1:80"} 1.5"#,
+            r#"lb_vip_all_down{proto="tcp",vip="10.0.0.1:80"} 0"#,
             r#"lb_xdp_actions_total{action="tx"} 7"#,
             r#"lb_drops_total{reason="no_backend"} 2"#,
             r#"lb_passes_total{reason="not_vip"} 3"#,

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
@@ -119,8 +120,40 @@ struct AppliedVip {
     /// The members the active table was built from; `None` when unknown
     /// (adopted from a previous run), which forces one rebuild.
     members: Option<Vec<Weighted>>,
+    /// The hash seed the active table was built with.
+    seed: u32,
     /// Each member's fraction of the active table's slots.
     shares: BTreeMap<Ipv4Addr, f64>,
+    /// When the VIP entry last switched halves.
+    swapped_at: Option<Instant>,
+}
+
+impl AppliedVip {
+    fn adopted(entry: VipEntry, half: u32) -> Self {
+        Self {
+            entry,
+            name: String::new(),
+            half,
+            members: None,
+            seed: 0,
+            shares: BTreeMap::new(),
+            swapped_at: None,
+        }
+    }
+}
+
+/// How long a table half that was just retired stays untouched. XDP runs a
+/// packet in well under a microsecond; a millisecond covers any packet that
+/// read the VIP entry just before the swap.
+const SWAP_GRACE: Duration = Duration::from_millis(1);
+
+/// Every (VIP, backend) pair of `config`.
+pub fn backend_keys(config: &Config) -> BTreeSet<(VipKey, Ipv4Addr)> {
+    config
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +166,10 @@ pub enum ReconcileError {
     TableSizeChanged { loaded: u32, new: u32 },
     #[error("no free {what} id (capacity {capacity})")]
     Exhausted { what: &'static str, capacity: u32 },
+    #[error(
+        "the pinned maps were written with layout {found}, this build uses {wanted}; remove them with `lb stop` first"
+    )]
+    Layout { found: u32, wanted: u32 },
 }
 
 /// Per-VIP and per-backend traffic, labelled for people.
@@ -209,27 +246,25 @@ impl<D: Dataplane> Reconciler<D> {
     /// no flow moves. Returns the adopted health.
     pub fn adopt(dp: D, table_size: u32, max_vips: u32) -> Result<(Self, Health), ReconcileError> {
         let mut r = Self::new(dp, table_size, max_vips);
-        let (vips, backends) = r.dp.snapshot()?;
-        let by_id: BTreeMap<u32, VipKey> = vips.iter().map(|(k, e)| (e.id, *k)).collect();
-        for (key, entry) in vips {
+        let snapshot = r.dp.snapshot()?;
+        let found = snapshot.global.layout_version;
+        if !snapshot.vips.is_empty() && found != lb_common::LAYOUT_VERSION {
+            return Err(ReconcileError::Layout {
+                found,
+                wanted: lb_common::LAYOUT_VERSION,
+            });
+        }
+        let by_id: BTreeMap<u32, VipKey> = snapshot.vips.iter().map(|(k, e)| (e.id, *k)).collect();
+        for (key, entry) in snapshot.vips {
             let half = (entry.table_base / table_size.max(1)) % TABLE_HALVES;
-            r.vips.insert(
-                key,
-                AppliedVip {
-                    entry,
-                    name: String::new(),
-                    half,
-                    members: None,
-                    shares: BTreeMap::new(),
-                },
-            );
+            r.vips.insert(key, AppliedVip::adopted(entry, half));
         }
         let mut health = Health::new();
-        // Generation 0 marks an id that was never used.
-        for (id, entry) in backends.into_iter().filter(|(_, e)| e.generation != 0) {
+        for (id, entry) in snapshot.backends {
             r.next_generation = r
                 .next_generation
                 .max(entry.generation.wrapping_add(1).max(1));
+            // Ids of removed backends stay free; their generation still counts.
             let Some(&vip) = by_id.get(&entry.vip_id) else {
                 continue;
             };
@@ -245,8 +280,20 @@ impl<D: Dataplane> Reconciler<D> {
         &self.dp
     }
 
+    /// The backend id of `addr` in VIP `key`, if it has one.
+    pub fn backend_id_of(&self, key: &VipKey, addr: Ipv4Addr) -> Option<u32> {
+        self.backend_ids.get(&(*key, addr)).copied()
+    }
+
     /// Makes the maps express `config` with `health` and the MACs in
     /// `neighbours`. Returns the VIPs whose table was swapped.
+    ///
+    /// Order matters, since the program reads the maps throughout: the VIP
+    /// filter widens first; removed VIPs stop matching and their backends
+    /// stop keeping flows before any id is reused; each VIP's backend entries
+    /// are written before the table naming them, and the table before the
+    /// VIP entry that points at it; backends removed from a VIP lose their
+    /// flows only once its new table (which no longer names them) is active.
     pub fn apply(
         &mut self,
         config: &Config,
@@ -261,7 +308,7 @@ impl<D: Dataplane> Reconciler<D> {
         }
         let global = GlobalConfig {
             hash_seed: config.seed,
-            _pad: 0,
+            layout_version: lb_common::LAYOUT_VERSION,
             udp_idle_timeout_ns: config.udp_idle_timeout.as_nanos() as u64,
         };
         if self.global != Some(global) {
@@ -269,21 +316,19 @@ impl<D: Dataplane> Reconciler<D> {
             self.global = Some(global);
         }
 
-        // The filter admits old and new VIPs while they change, and only the
-        // new ones afterwards, so no VIP's packets are ever passed by it.
         let wanted: BTreeSet<VipKey> = config.vips.iter().map(vip_key).collect();
         self.write_vip_filter(vip_filter(wanted.iter().chain(self.vips.keys())))?;
-        // VIPs that are gone stop matching before their ids are reused.
         let gone: Vec<VipKey> = self
             .vips
             .keys()
             .filter(|k| !wanted.contains(k))
             .copied()
             .collect();
-        for key in gone {
-            self.dp.remove_vip(key)?;
-            self.vips.remove(&key);
+        for key in &gone {
+            self.dp.remove_vip(*key)?;
+            self.vips.remove(key);
         }
+        self.release_backends(|(vip, _)| gone.contains(vip))?;
 
         let mut swaps = Vec::new();
         for vip in &config.vips {
@@ -294,17 +339,22 @@ impl<D: Dataplane> Reconciler<D> {
             }
         }
 
-        // Backends no longer configured (or of removed VIPs): their flows
-        // must be re-placed, and their ids become free.
-        let live: BTreeSet<(VipKey, Ipv4Addr)> = config
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
-            .collect();
+        let live = backend_keys(config);
+        self.release_backends(|k| !live.contains(k))?;
+        self.write_vip_filter(vip_filter(&wanted))?;
+        Ok(swaps)
+    }
+
+    /// Makes backends matching `gone` lose their flows (a flow that still
+    /// names one is re-placed) and frees their ids.
+    fn release_backends(
+        &mut self,
+        gone: impl Fn(&(VipKey, Ipv4Addr)) -> bool,
+    ) -> Result<(), ReconcileError> {
         let stale: Vec<((VipKey, Ipv4Addr), u32)> = self
             .backend_ids
             .iter()
-            .filter(|(k, _)| !live.contains(k))
+            .filter(|(k, _)| gone(k))
             .map(|(k, &id)| (*k, id))
             .collect();
         for (k, id) in stale {
@@ -315,8 +365,7 @@ impl<D: Dataplane> Reconciler<D> {
             }
             self.backend_ids.remove(&k);
         }
-        self.write_vip_filter(vip_filter(&wanted))?;
-        Ok(swaps)
+        Ok(())
     }
 
     fn write_vip_filter(&mut self, words: VipFilter) -> Result<(), ReconcileError> {
@@ -327,6 +376,11 @@ impl<D: Dataplane> Reconciler<D> {
         Ok(())
     }
 
+    /// The id (and its generation) of `addr` in VIP `key`, allocating one
+    /// with a new generation and zeroed counters if it has none. A reused id
+    /// is first written with the new generation and no flags: the program
+    /// copies entries without locks, so a packet could otherwise combine the
+    /// old generation with the new flags and keep a dead backend's flow.
     fn backend_id(&mut self, key: VipKey, addr: Ipv4Addr) -> Result<(u32, u32), ReconcileError> {
         if let Some(&id) = self.backend_ids.get(&(key, addr)) {
             let generation = self.backends.get(&id).map_or(0, |e| e.generation);
@@ -339,6 +393,19 @@ impl<D: Dataplane> Reconciler<D> {
         )?;
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let placeholder = BackendEntry {
+            addr: 0,
+            dst_mac: [0; 6],
+            src_mac: [0; 6],
+            ifindex: 0,
+            flags: 0,
+            vip_id: NO_VIP,
+            forwarding: 0,
+            generation,
+        };
+        self.dp.set_backend(id, placeholder)?;
+        self.dp.zero_traffic(None, Some(id))?;
+        self.backends.insert(id, placeholder);
         self.backend_ids.insert((key, addr), id);
         Ok((id, generation))
     }
@@ -359,10 +426,10 @@ impl<D: Dataplane> Reconciler<D> {
                 id
             }
         };
-
         let forwarding = match vip.forwarding {
             Forwarding::L2 => FORWARD_L2,
         };
+
         // Backend entries first: a table may only name ids whose entry exists.
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
@@ -396,19 +463,28 @@ impl<D: Dataplane> Reconciler<D> {
             ids.insert(b.address, id);
         }
 
+        let seed = self.global.map_or(0, |g| g.hash_seed);
         let applied = self.vips.get(&key);
-        let rebuild = applied.is_none_or(|a| a.members.as_ref() != Some(&plan.members));
+        let rebuild =
+            applied.is_none_or(|a| a.members.as_ref() != Some(&plan.members) || a.seed != seed);
         let half = match applied {
             Some(a) if rebuild => (a.half + 1) % TABLE_HALVES,
             Some(a) => a.half,
             None => 0,
         };
         let table_base = (vip_id * TABLE_HALVES + half) * self.table_size;
-        let mut build = std::time::Duration::ZERO;
+        let mut build = Duration::ZERO;
         let mut shares = applied.map(|a| a.shares.clone()).unwrap_or_default();
+        let mut swapped_at = applied.and_then(|a| a.swapped_at);
         if rebuild {
-            let seed = self.global.map_or(0, |g| g.hash_seed);
-            let started = std::time::Instant::now();
+            // The half about to be written was active until the last swap;
+            // let packets that read the old VIP entry finish with it.
+            if let Some(since) = swapped_at.map(|t| t.elapsed())
+                && since < SWAP_GRACE
+            {
+                std::thread::sleep(SWAP_GRACE - since);
+            }
+            let started = Instant::now();
             let table = maglev::build(&plan.members, self.table_size, seed);
             build = started.elapsed();
             // Table index -> backend id, resolved once rather than per slot.
@@ -435,10 +511,10 @@ impl<D: Dataplane> Reconciler<D> {
             id: vip_id,
             table_base,
             table_size: self.table_size,
-            forwarding,
         };
         if applied.is_none_or(|a| a.entry != entry) {
             self.dp.set_vip(key, entry)?;
+            swapped_at = Some(Instant::now());
         }
         self.vips.insert(
             key,
@@ -447,7 +523,9 @@ impl<D: Dataplane> Reconciler<D> {
                 name: vip.name.clone(),
                 half,
                 members: Some(plan.members.clone()),
+                seed,
                 shares,
+                swapped_at,
             },
         );
         Ok(rebuild.then(|| Swap {
@@ -499,28 +577,13 @@ impl<D: Dataplane> Reconciler<D> {
     pub fn traffic(&self, counters: &Counters) -> Vec<VipTraffic> {
         self.vips
             .iter()
-            .map(|(key, a)| VipTraffic {
-                name: a.name.clone(),
-                total: counters
-                    .vips
-                    .get(a.entry.id as usize)
-                    .copied()
-                    .unwrap_or_default(),
-                backends: self
-                    .backend_ids
-                    .iter()
-                    .filter(|((k, _), _)| k == key)
-                    .map(|(&(_, addr), &id)| {
-                        (
-                            addr,
-                            counters
-                                .backends
-                                .get(id as usize)
-                                .copied()
-                                .unwrap_or_default(),
-                        )
-                    })
-                    .collect(),
+            .map(|(key, a)| {
+                let (total, backends) = self.vip_traffic(counters, key);
+                VipTraffic {
+                    name: a.name.clone(),
+                    total,
+                    backends: backends.into_iter().collect(),
+                }
             })
             .collect()
     }
@@ -708,6 +771,8 @@ mod tests {
             new,
             [
                 "set_backend 3".to_string(),
+                "zero_traffic None Some(3)".into(),
+                "set_backend 3".into(),
                 format!("write_table {M} {M}"),
                 "set_vip 0".into()
             ]
@@ -929,7 +994,7 @@ mod tests {
         let mut r = reconciler();
         let c = config(false, 1);
         r.apply(&c, &all_up(), &neighbours()).unwrap();
-        assert!(r.dataplane().filter_admits(ip(100)));
+        assert!(FakeDataplane::admits(&r.dataplane().vip_filter, ip(100)));
         let moved = Config::parse(
             &std::fs::read_to_string(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -940,25 +1005,92 @@ mod tests {
             Path::new("example.yaml"),
         )
         .unwrap();
-        let mark = r.dataplane().log.len();
+        let (mark, filters) = (r.dataplane().log.len(), r.dataplane().vip_filters.len());
         r.apply(&moved, &all_up(), &Neighbours::new()).unwrap();
         let log = &r.dataplane().log[mark..];
-        // Widened before any VIP changes, narrowed after the last one.
+        let written = &r.dataplane().vip_filters[filters..];
+        let new_vip = Ipv4Addr::new(192, 0, 2, 10);
+        // Widened to both VIPs before any VIP entry changes...
         let first_vip_change = log.iter().position(|l| l.contains("_vip ")).unwrap();
-        assert!(
-            log[..first_vip_change].contains(&"set_vip_filter".to_string()),
+        assert_eq!(
+            log[..first_vip_change]
+                .iter()
+                .filter(|l| *l == "set_vip_filter")
+                .count(),
+            1,
             "{log:?}"
         );
+        assert!(
+            FakeDataplane::admits(&written[0], ip(100))
+                && FakeDataplane::admits(&written[0], new_vip)
+        );
+        // ...narrowed to the new one after the last.
         assert_eq!(
             log.last().map(String::as_str),
             Some("set_vip_filter"),
             "{log:?}"
         );
-        assert!(r.dataplane().filter_admits(Ipv4Addr::new(192, 0, 2, 10)));
+        let last = written.last().unwrap();
+        assert!(FakeDataplane::admits(last, new_vip));
         assert!(
-            !r.dataplane().filter_admits(ip(100)),
+            !FakeDataplane::admits(last, ip(100)),
             "the old VIP address is filtered out"
         );
+    }
+
+    #[test]
+    fn a_seed_change_rebuilds_every_table() {
+        let mut r = reconciler();
+        let c = config(false, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let before = r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap();
+        let mut reseeded = c.clone();
+        reseeded.seed = 8;
+        let swaps = r.apply(&reseeded, &all_up(), &neighbours()).unwrap();
+        assert_eq!(swaps.len(), 2, "both VIPs rebuilt");
+        assert_ne!(
+            r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap(),
+            before
+        );
+        let (_, table) = &plan(&reseeded)[0];
+        let expected: Vec<_> = table
+            .slots
+            .iter()
+            .map(|&s| Some(table.backends[s as usize].address))
+            .collect();
+        assert_eq!(active_addresses(&r, &c.vips[0]), expected);
+    }
+
+    #[test]
+    fn a_new_backend_id_gets_zeroed_counters_and_a_flagless_entry_first() {
+        let mut r = reconciler();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
+        let mark = r.dataplane().log.len();
+        r.apply(&config(true, 1), &all_up(), &neighbours()).unwrap();
+        let log = &r.dataplane().log[mark..];
+        assert_eq!(
+            &log[..3],
+            [
+                "set_backend 3",
+                "zero_traffic None Some(3)",
+                "set_backend 3"
+            ],
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn adoption_refuses_maps_of_another_layout() {
+        let mut r = reconciler();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
+        let mut dp = std::mem::take(&mut r.dp);
+        dp.global.layout_version = lb_common::LAYOUT_VERSION + 1;
+        assert!(matches!(
+            Reconciler::adopt(dp, M, 4),
+            Err(ReconcileError::Layout { .. })
+        ));
     }
 
     #[test]

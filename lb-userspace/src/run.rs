@@ -31,7 +31,7 @@ use crate::{
     loader::{self, Attached, Sizes},
     metrics::Metrics,
     neighbour::NeighbourTable,
-    reconcile::{Health, Neighbours, Reconciler, Swap, vip_key},
+    reconcile::{Health, Neighbours, Reconciler, Swap, backend_keys, vip_key},
     status::{self, Status},
 };
 
@@ -91,6 +91,8 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     info!(listen = %config.admin_listen, "admin listener up");
 
     let pin = config.pin_path.clone();
+    // Held until exit: one control plane per pinned state.
+    let _lock = loader::lock(&pin)?;
     let adopting = loader::is_pinned(&pin);
     let mut ebpf = loader::load(sizes(&config), Some(&pin))?;
     let dp = AyaDataplane::new(&mut ebpf)?;
@@ -183,7 +185,10 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
                     let _ = q.reply.send(s);
                 }
             }
-            _ = refresh.tick() => d.refresh_neighbours().await,
+            _ = refresh.tick() => {
+                d.refresh_neighbours().await;
+                d.check_attachment(&pin);
+            }
             _ = counters.tick() => d.log_counters(),
         }
     }
@@ -202,6 +207,21 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
 }
 
 impl Daemon {
+    /// Notices an attachment removed behind our back (`lb stop`, or the
+    /// interface deleted), so metrics and `/ready` tell the truth.
+    fn check_attachment(&mut self, pin: &Path) {
+        let attached = loader::link_is_pinned(pin) && interface_exists(&self.config.interface);
+        if attached != self.attached {
+            if attached {
+                info!(interface = %self.config.interface, "attachment is back");
+            } else {
+                error!(interface = %self.config.interface, "the XDP program is no longer attached");
+            }
+            self.attached = attached;
+            self.ready.store(attached, Ordering::SeqCst);
+        }
+    }
+
     /// Stops advertising readiness; returns when to leave.
     fn begin_shutdown(&mut self) -> tokio::time::Instant {
         self.ready.store(false, Ordering::SeqCst);
@@ -236,6 +256,10 @@ impl Daemon {
     }
 
     fn on_transition(&mut self, t: Transition) {
+        if !self.supervisor.is_current(&t) {
+            debug!(backend = %t.backend, "ignoring a transition from a stopped probe task");
+            return;
+        }
         self.health.insert((t.vip, t.backend), t.up);
         match self
             .reconciler
@@ -279,17 +303,26 @@ impl Daemon {
             self.metrics.reloaded(false);
             return;
         }
-        // Health of backends that are gone is forgotten.
-        let live: std::collections::BTreeSet<_> = new
-            .vips
-            .iter()
-            .flat_map(|v| v.backends.iter().map(move |b| (vip_key(v), b.address)))
-            .collect();
-        self.health.retain(|k, _| live.contains(k));
         match self.reconciler.apply(&new, &self.health, &self.neighbours) {
             Ok(swaps) => {
                 let rebuilt: Vec<&str> = swaps.iter().map(|s| s.name.as_str()).collect();
                 info!(%trigger, ?rebuilt, "config reloaded");
+                // Health and metric series of backends and VIPs that are gone
+                // are forgotten.
+                let live = backend_keys(&new);
+                self.health.retain(|k, _| live.contains(k));
+                for v in self
+                    .config
+                    .vips
+                    .iter()
+                    .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)))
+                {
+                    let labels = [format!("{}:{}", v.address, v.port), v.protocol.to_string()];
+                    let _ = self
+                        .metrics
+                        .maglev_rebuilds
+                        .remove_label_values(&[&labels[0], &labels[1]]);
+                }
                 self.config = new;
                 self.record(&swaps);
                 self.sync_probes();
@@ -363,6 +396,13 @@ impl Daemon {
             Err(e) => warn!(error = %e, "reading counters failed"),
         }
     }
+}
+
+fn interface_exists(name: &str) -> bool {
+    std::ffi::CString::new(name)
+        // SAFETY: a valid NUL-terminated string for the duration of the call.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+        .unwrap_or(false)
 }
 
 fn backend_addresses(config: &Config) -> Vec<Ipv4Addr> {

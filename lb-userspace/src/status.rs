@@ -40,8 +40,8 @@ pub struct VipStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    /// The busiest backend's share of new flows since the previous scrape,
-    /// over its share of the table; `None` when no flow started since.
+    /// The largest ratio of a backend's share of new flows since the
+    /// previous scrape to its share of the table; `None` when no flow started.
     pub skew: Option<f64>,
     pub backends: Vec<BackendStatus>,
 }
@@ -210,20 +210,20 @@ fn state_name(s: BackendState) -> &'static str {
     }
 }
 
-/// `(new flows in the window, expected share)` per backend -> the busiest
-/// backend's share of the window's new flows over its expected share.
+/// `(new flows in the window, expected share)` per backend -> the largest
+/// ratio of a backend's share of the window's new flows to its expected
+/// share. Backends outside the table (expected share 0) are left out: flows
+/// only reach them around a table swap.
 pub fn skew(deltas: &[(f64, f64)]) -> Option<f64> {
     let total: f64 = deltas.iter().map(|d| d.0).sum();
     if total == 0.0 {
         return None;
     }
-    let &(busiest, expected) = deltas.iter().max_by(|a, b| a.0.total_cmp(&b.0))?;
-    if expected == 0.0 {
-        // New flows to a backend outside the table (re-placed ones cannot
-        // land there, so this is a transient around a swap): report no skew.
-        return None;
-    }
-    Some(busiest / total / expected)
+    deltas
+        .iter()
+        .filter(|d| d.1 > 0.0)
+        .map(|&(n, expected)| n / total / expected)
+        .max_by(f64::total_cmp)
 }
 
 /// The new-flow counters of `status`, for the next skew window.
@@ -251,5 +251,8 @@ mod tests {
         // Exactly as expected.
         assert_eq!(skew(&[(25.0, 0.25), (25.0, 0.25), (50.0, 0.5)]), Some(1.0));
         assert_eq!(skew(&[(0.0, 0.5), (0.0, 0.5)]), None, "no flows, no skew");
+        // A light backend over its share counts even when a heavy one has
+        // more flows in absolute terms.
+        assert_eq!(skew(&[(20.0, 0.1), (80.0, 0.9)]), Some(2.0));
     }
 }

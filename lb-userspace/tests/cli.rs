@@ -33,9 +33,23 @@ fn check_config_prints_vips_backends_and_slot_shares() {
             .map(str::to_string)
             .collect()
     };
-    assert_eq!(row("10.77.0.11")[3], "25.00%");
-    assert_eq!(row("10.77.0.13")[3], "50.00%");
+    assert_eq!(row("10.77.0.11")[1], "active");
+    assert_eq!(row("10.77.0.11")[4], "25.00%");
     assert_eq!(row("10.77.0.13")[4], "50.00%");
+    assert_eq!(row("10.77.0.13")[5], "50.00%");
+}
+
+#[test]
+fn check_config_lists_draining_backends_without_slots() {
+    let (code, out, err) = lb(&["check-config", &config_path("example.yaml")]);
+    assert_eq!(code, 0, "{err}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.contains("198.51.100.13"))
+        .expect("drained backend listed")
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[1], row[3], row[4]), ("drain", "0", "0.00%"), "{out}");
 }
 
 #[test]

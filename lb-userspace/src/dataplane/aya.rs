@@ -154,6 +154,7 @@ impl Dataplane for AyaDataplane {
     }
 
     fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
+        let global = self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
         let vips = self
             .vips
             .iter()
@@ -169,15 +170,18 @@ impl Dataplane for AyaDataplane {
                 backends.push((id, entry));
             }
         }
-        Ok((vips, backends))
+        Ok(Snapshot {
+            global,
+            vips,
+            backends,
+        })
     }
 }
 
 /// The `MAGLEV` array (created with `BPF_F_MMAPABLE`) mapped into this
-/// process: a table half is written with one copy. The program may read any
-/// slot at any time, but only of the half its VIP entry names, and userspace
-/// only writes the other half, so plain stores suffice; the VIP entry update
-/// that follows is a system call, which orders them before it.
+/// process: a table half is written with plain stores instead of a system
+/// call per slot. Userspace only writes the half no VIP entry names (plus a
+/// grace period after a swap, see reconcile), so packets read a complete table.
 struct MappedSlots {
     ptr: std::ptr::NonNull<u32>,
     len: usize,

@@ -14,6 +14,8 @@ pub struct FakeDataplane {
     pub maglev: BTreeMap<u32, u32>,
     pub vips: BTreeMap<VipKey, VipEntry>,
     pub vip_filter: VipFilter,
+    /// Every filter written, in order.
+    pub vip_filters: Vec<VipFilter>,
     /// Every call in order, e.g. `"write_table 0 251"`, `"set_vip 0"`.
     pub log: Vec<String>,
 }
@@ -26,16 +28,17 @@ impl Default for FakeDataplane {
             maglev: BTreeMap::new(),
             vips: BTreeMap::new(),
             vip_filter: [0; lb_common::VIP_FILTER_WORDS as usize],
+            vip_filters: Vec::new(),
             log: Vec::new(),
         }
     }
 }
 
 impl FakeDataplane {
-    /// Whether the program would look further at packets for `addr`.
-    pub fn filter_admits(&self, addr: std::net::Ipv4Addr) -> bool {
+    /// Whether `filter` lets the program look further at packets for `addr`.
+    pub fn admits(filter: &VipFilter, addr: std::net::Ipv4Addr) -> bool {
         let (w, bit) = lb_common::vip_filter_bit(u32::from_ne_bytes(addr.octets()));
-        self.vip_filter[w as usize] & bit != 0
+        filter[w as usize] & bit != 0
     }
 
     /// The table a VIP's entry currently points at.
@@ -83,6 +86,7 @@ impl Dataplane for FakeDataplane {
     fn set_vip_filter(&mut self, words: &VipFilter) -> Result<(), DataplaneError> {
         self.log.push("set_vip_filter".into());
         self.vip_filter = *words;
+        self.vip_filters.push(*words);
         Ok(())
     }
 
@@ -100,13 +104,15 @@ impl Dataplane for FakeDataplane {
     }
 
     fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
-        Ok((
-            self.vips.iter().map(|(k, e)| (*k, *e)).collect(),
-            self.backends
+        Ok(Snapshot {
+            global: self.global,
+            vips: self.vips.iter().map(|(k, e)| (*k, *e)).collect(),
+            backends: self
+                .backends
                 .iter()
                 .filter(|(_, e)| e.generation != 0)
                 .map(|(i, e)| (*i, *e))
                 .collect(),
-        ))
+        })
     }
 }

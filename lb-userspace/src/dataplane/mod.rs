@@ -16,6 +16,8 @@ pub enum DataplaneError {
     },
     #[error("map {map} is missing from the eBPF object")]
     MissingMap { map: &'static str },
+    #[error("map {map} does not have the type and value layout this build expects")]
+    Layout { map: &'static str },
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("mapping the Maglev map: {0}")]
@@ -28,7 +30,13 @@ pub enum DataplaneError {
     },
 }
 
-pub type Snapshot = (Vec<(VipKey, VipEntry)>, Vec<(u32, BackendEntry)>);
+/// What a restarted control plane adopts: the global settings, every VIP
+/// entry, and every backend entry ever written (generation non-zero).
+pub struct Snapshot {
+    pub global: GlobalConfig,
+    pub vips: Vec<(VipKey, VipEntry)>,
+    pub backends: Vec<(u32, BackendEntry)>,
+}
 
 pub type VipFilter = [u64; lb_common::VIP_FILTER_WORDS as usize];
 
@@ -99,7 +107,5 @@ pub trait Dataplane {
         vip: Option<u32>,
         backend: Option<u32>,
     ) -> Result<(), DataplaneError>;
-    /// Every VIP entry, and every backend entry ever written (generation
-    /// non-zero): what a restarted control plane adopts.
     fn snapshot(&self) -> Result<Snapshot, DataplaneError>;
 }
