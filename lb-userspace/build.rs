@@ -3,7 +3,8 @@
 
 use anyhow::{Context as _, anyhow};
 
-/// Must match `xtask`'s `NIGHTLY` (which installs it) and ../shared/TOOLCHAIN.md.
+/// Must match `xtask`'s `NIGHTLY`, which installs it (its LLVM matches
+/// bpf-linker 0.10.0's).
 const NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {

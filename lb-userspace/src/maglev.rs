@@ -150,10 +150,10 @@ mod tests {
         assert_ne!(build(&b, M, 1).slots, build(&b, M, 2).slots);
     }
 
-    /// Every backend gets floor(M/n) or ceil(M/n) slots, the best integers
-    /// allow, and so is within 1% of the mean wherever a whole slot is less
-    /// than 1% of it. (Where it is not, e.g. n = 662, no split of 65537 slots
-    /// can keep every count within 1%: one backend must get 98 of a mean 99.0.)
+    /// Every backend gets floor(M/n) or ceil(M/n) slots: the best integers
+    /// allow, so within 1% of the mean wherever a whole slot is less than 1%
+    /// of it. (Where it is not, e.g. n = 662, no split of 65537 slots can keep
+    /// every count within 1%: one backend must get 98 of a mean 99.0.)
     fn assert_equal_shares(n: usize) {
         let t = build(&backends(n, |_| 1), M, 0x5eed);
         let mean = M as f64 / n as f64;
@@ -161,11 +161,6 @@ mod tests {
             assert!(
                 c == mean.floor() as usize || c == mean.ceil() as usize,
                 "n={n} backend {i}: {c} slots, mean {mean:.2}"
-            );
-            let dev = (c as f64 - mean).abs() / mean;
-            assert!(
-                dev <= 0.01 || (c as f64 - mean).abs() < 1.0,
-                "n={n} backend {i}: off by {dev:.4}"
             );
         }
     }

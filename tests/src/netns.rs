@@ -78,18 +78,11 @@ impl Netns {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> anyhow::Result<R> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
     }
-}
 
-impl Netns {
     /// Like [`enter`](Self::enter), but returns at once; the thread keeps
     /// running in the namespace.
     pub fn spawn<R: Send + 'static>(

@@ -367,6 +367,9 @@ pub fn lb_binary() -> anyhow::Result<PathBuf> {
         .context("no `lb` binary beside this executable; run `cargo build -p lb-userspace` first")
 }
 
+/// The message lb logs once its program is attached.
+const ATTACHED: &str = "lb_userspace::run: attached ";
+
 /// An `lb run` in the load balancer's namespace, with its own config file,
 /// log and bpffs pin directory. On drop it is killed and its pins removed
 /// (which detaches the program).
@@ -392,10 +395,15 @@ impl LbProcess {
         Ok(lb)
     }
 
-    /// Waits until lb has logged its `attached` line `before + 1` times.
+    /// How many times lb logged that it attached.
+    pub fn attach_count(&self) -> usize {
+        self.log().matches(ATTACHED).count()
+    }
+
+    /// Waits until lb has logged that it attached `before + 1` times.
     pub fn wait_attached(&mut self, before: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.log().matches("attached").count() <= before {
+        while self.attach_count() <= before {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -429,14 +437,16 @@ impl LbProcess {
         Ok(())
     }
 
-    /// Starts `lb run` (in the namespace's network stack only, so it shares
-    /// the host's /sys/fs/bpf) and waits until it has attached.
+    /// Starts `lb run` in the namespace's network stack only (so it shares
+    /// the host's /sys/fs/bpf); see [`wait_attached`](Self::wait_attached).
+    /// lb gets SIGKILL if the test process dies, so it never outlives it.
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("lb.log"))?;
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/var/run/netns/{}", self.netns))
             .arg(lb_binary()?)
             .arg("run")
@@ -444,9 +454,19 @@ impl LbProcess {
             .arg(self.config_path())
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting lb")?;
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child
+        // between fork and exec. The setting survives the exec of nsenter
+        // and of lb.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().context("starting lb")?;
         self.child = Some(child);
         Ok(())
     }
@@ -479,7 +499,7 @@ impl LbProcess {
     /// Starts lb again with the same config and pin directory, and waits
     /// until it has attached.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let before = self.log().matches("attached").count();
+        let before = self.attach_count();
         self.spawn()?;
         self.wait_attached(before)
     }

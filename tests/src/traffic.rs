@@ -192,9 +192,15 @@ impl LongLived {
     /// Stops exchanging and reports every connection.
     pub fn finish(self) -> Vec<Conn> {
         self.stop.store(true, Ordering::Relaxed);
+        // A thread that panicked counts as a broken connection.
         self.threads
             .into_iter()
-            .filter_map(|t| t.join().ok())
+            .map(|t| {
+                t.join().unwrap_or_else(|_| Conn {
+                    backend: "?".into(),
+                    broken: Some((Instant::now(), "exchange thread panicked".into())),
+                })
+            })
             .collect()
     }
 }

@@ -66,10 +66,12 @@ fn reload(lb: &LbProcess, config: &str) {
     }
 }
 
-/// `detection_to_swap_us` of every table swap lb logged.
-fn swap_latencies_us(log: &str) -> Vec<u64> {
+/// `detection_to_swap_us` of every table swap lb logged (only of those
+/// after a backend went up or down, if `up` says which).
+fn swap_latencies_us(log: &str, up: Option<bool>) -> Vec<u64> {
     log.lines()
         .filter(|l| l.contains("table swapped"))
+        .filter(|l| up.is_none_or(|up| l.contains(&format!("up={up}"))))
         .filter_map(|l| {
             l.split("detection_to_swap_us=")
                 .nth(1)?
@@ -152,7 +154,7 @@ fn a_failed_backend_stops_costing_connections_and_rejoins_when_back() {
         b2_back > 0,
         "b2 receives new connections after rise*interval+1s"
     );
-    let swaps = swap_latencies_us(&lb.log());
+    let swaps = swap_latencies_us(&lb.log(), None);
     assert_eq!(swaps.len(), 2, "one swap down, one up:\n{}", lb.log());
     println!("detection-to-swap latencies (us): {swaps:?}");
 }
@@ -179,7 +181,7 @@ fn every_health_transition_swaps_the_table() {
         for (on, n) in [(false, 2 * cycle + 1), (true, 2 * cycle + 2)] {
             topo.set_health(1, on).unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while swap_latencies_us(&lb.log()).len() < n {
+            while swap_latencies_us(&lb.log(), None).len() < n {
                 assert!(
                     Instant::now() < deadline,
                     "cycle {cycle}: no swap after health {on}:\n{}",
@@ -189,19 +191,7 @@ fn every_health_transition_swaps_the_table() {
             }
         }
     }
-    let mut down: Vec<u64> = lb
-        .log()
-        .lines()
-        .filter(|l| l.contains("table swapped") && l.contains("up=false"))
-        .filter_map(|l| {
-            l.split("detection_to_swap_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let mut down = swap_latencies_us(&lb.log(), Some(false));
     assert_eq!(down.len(), 20);
     down.sort();
     println!(

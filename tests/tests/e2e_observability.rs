@@ -336,7 +336,7 @@ fn ready_is_503_until_attached_200_after_and_503_once_shutdown_starts() {
             }
         }
     };
-    assert!(!lb.log().contains(" attached"), "checked before attaching");
+    assert_eq!(lb.attach_count(), 0, "checked before attaching");
     assert_eq!(before_attach, 503);
     assert_eq!(
         get(&topo.client, ADMIN, "/healthz").unwrap().0,

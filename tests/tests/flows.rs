@@ -7,7 +7,7 @@ use std::{
     net::Ipv4Addr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -240,6 +240,8 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
         return;
     };
     let flows = open_flows(&mut h, 36000, 300);
+    let web = vip_key(&h.config.vips[0]);
+    let old_id = h.reconciler.backend_id_of(&web, ip(13)).unwrap();
     // .13 leaves; .14 arrives and takes the lowest free id, which was .13's.
     h.reconfigure(&config(&[(11, "active"), (12, "active")], 65537))
         .unwrap();
@@ -248,6 +250,11 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
         65537,
     ))
     .unwrap();
+    assert_eq!(
+        h.reconciler.backend_id_of(&web, ip(14)),
+        Some(old_id),
+        "the id was reused"
+    );
     let web = h.config.vips[0].clone();
     let after = continue_flows(&mut h, &flows);
     for (p, b) in &flows {
@@ -288,9 +295,10 @@ fn udp_flows_expire_after_the_idle_timeout() {
     );
 }
 
-/// While another thread swaps the VIP's table between two backend sets
-/// 10,000 times, every packet of a new flow goes to the backend that either
-/// the old or the new table gives it: no packet sees a mixture.
+/// While another thread swaps the VIP's table 10,000 times, cycling through
+/// three backend sets (so each table half holds different sets over time),
+/// every packet of a new flow goes to the backend that a table active while
+/// the packet ran gives it: no packet sees a mixture.
 #[test]
 fn table_swaps_are_atomic_under_traffic() {
     if !root_or_skip("table_swaps_are_atomic_under_traffic") {
@@ -298,60 +306,69 @@ fn table_swaps_are_atomic_under_traffic() {
     }
     // A small table keeps 10,000 whole-table writes quick.
     const M: u32 = 251;
-    let text = config(&THREE, M);
+    const SWAPS: usize = 10_000;
     let all = neighbours([11, 12, 13].map(ip), TEST_RUN_IFINDEX);
-    let h = Harness::new(&text, &all).unwrap();
+    let h = Harness::new(&config(&THREE, M), &all).unwrap();
     let Harness {
         mut ebpf,
         mut reconciler,
-        config,
+        config: three,
         neighbours,
     } = h;
-    let web = config.vips[0].clone();
-    let key = vip_key(&web);
-    // Set A: all three; set B: .13 down. Tables for both, all-healthy config
-    // for A, and a config without .13 for B (same table as .13 down).
-    let without_13 = Config::parse(&config_without_13(M), std::path::Path::new("b.yaml")).unwrap();
+    let key = vip_key(&three.vips[0]);
+    // State i % 3 is active once `applied` reaches i: all three backends,
+    // then .13 down, then .12 down.
+    let health = [
+        Health::new(),
+        Health::from([((key, ip(13)), false)]),
+        Health::from([((key, ip(12)), false)]),
+    ];
+    let tables: Vec<Config> = [
+        &THREE[..],
+        &[(11, "active"), (12, "active")],
+        &[(11, "active"), (13, "active")],
+    ]
+    .iter()
+    .map(|b| Config::parse(&config(b, M), std::path::Path::new("state.yaml")).unwrap())
+    .collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let applied = Arc::new(AtomicUsize::new(0));
     let swapper = {
-        let stop = stop.clone();
-        let config = config.clone();
+        let (applied, config) = (applied.clone(), three.clone());
         std::thread::spawn(move || {
-            let down = Health::from([((key, ip(13)), false)]);
-            for i in 0..10_000 {
-                let health = if i % 2 == 0 {
-                    down.clone()
-                } else {
-                    Health::new()
-                };
-                reconciler.apply(&config, &health, &neighbours).unwrap();
+            for i in 1..=SWAPS {
+                reconciler
+                    .apply(&config, &health[i % 3], &neighbours)
+                    .unwrap();
+                applied.store(i, Ordering::SeqCst);
             }
-            stop.store(true, Ordering::SeqCst);
         })
     };
 
     let mut checked = 0u32;
-    let mut sport = 1024u16;
-    let mut src = 0u32;
-    while !stop.load(Ordering::SeqCst) {
+    let mut n = 0u64;
+    while applied.load(Ordering::SeqCst) < SWAPS {
         // Every packet a new flow: a fresh (source, port) pair.
-        sport = sport.checked_add(1).unwrap_or_else(|| {
-            src += 1;
-            1024
-        });
-        let client = Ipv4Addr::from(0x0a80_0000 + src);
+        n += 1;
+        let (client, sport) = (
+            Ipv4Addr::from(0x0a80_0000 + (n / 60000) as u32),
+            1024 + (n % 60000) as u16,
+        );
+        let before = applied.load(Ordering::SeqCst);
         let out = run_packet(&mut ebpf, &tcp_syn(client, sport, VIP, 80)).unwrap();
+        let after = applied.load(Ordering::SeqCst);
         assert_eq!(out.action, XDP_TX, "packet {checked}");
-        let mac = &out.packet[..6];
-        let a = expected_backend(&config, &web, client, sport);
-        let b = expected_backend(&without_13, &without_13.vips[0], client, sport);
-        let got = [a, b]
-            .into_iter()
-            .find(|x| lb_tests::packet::backend_mac(*x) == mac);
+        // Active at some point while the packet ran: the states from
+        // `before` to the one being applied after `after`.
+        let valid: Vec<Ipv4Addr> = (before..=after + 1)
+            .map(|s| expected_backend(&tables[s % 3], &tables[s % 3].vips[0], client, sport))
+            .collect();
+        let got = valid
+            .iter()
+            .find(|b| lb_tests::packet::backend_mac(**b) == out.packet[..6]);
         assert!(
             got.is_some(),
-            "packet {checked} of {client}:{sport} went to neither {a} nor {b}"
+            "packet {checked} of {client}:{sport} went to none of {valid:?}"
         );
         checked += 1;
     }
@@ -360,9 +377,5 @@ fn table_swaps_are_atomic_under_traffic() {
         checked > 1000,
         "only {checked} packets overlapped the swaps"
     );
-    println!("{checked} packets checked during 10,000 swaps");
-}
-
-fn config_without_13(table_size: u32) -> String {
-    config(&[(11, "active"), (12, "active")], table_size)
+    println!("{checked} packets checked during {SWAPS} swaps");
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
 //!
 //! `setup` installs what a fresh machine lacks and is quick when nothing is
 //! missing; `test` and `demo` run it first, so each is one command on a fresh
@@ -10,7 +10,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 /// The nightly that builds the eBPF crate. Its LLVM (22) must match
-/// bpf-linker's; see ../shared/TOOLCHAIN.md. lb-userspace/build.rs names it too.
+/// bpf-linker 0.10.0's (later bpf-linker releases need LLVM 23).
+/// lb-userspace/build.rs names it too.
 const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// Debian packages the kernel-tier tests and the demo call: `ip`, `ethtool`,

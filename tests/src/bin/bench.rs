@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--smoke]`: prints the benchmark table and writes the
-//! same figures as JSON to target/bench/results.json.
+//! The benchmark behind `cargo xtask bench`: prints the table and writes the
+//! same figures as JSON to target/bench/results.json. `--smoke` runs a few
+//! iterations of everything and writes target/bench/smoke.json instead.
 
 use std::path::PathBuf;
 
