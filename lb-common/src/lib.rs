@@ -149,6 +149,12 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+/// Flags of the `VIPS` map: `BPF_F_NO_PREALLOC`. A preallocated hash map
+/// recycles a replaced element at once, so a packet still reading it could
+/// copy another VIP's entry; without preallocation the kernel frees replaced
+/// elements only after every program that could read them has finished.
+pub const VIPS_MAP_FLAGS: u32 = 1;
+
 /// Flags of the `FLOWS` map: `BPF_F_NO_COMMON_LRU`. Each CPU keeps its own
 /// LRU lists (and `max_flows / CPUs` of the capacity), so inserting a flow
 /// takes no lock shared between CPUs; measured, this makes a new flow's
@@ -185,7 +191,7 @@ pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Version of every map's key and value layout; bump it with any change to
 /// them (sizes alone do not catch reordered fields).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]

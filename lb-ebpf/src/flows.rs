@@ -62,7 +62,12 @@ pub fn lookup(flow: &Flow) -> Lookup {
     let entry = unsafe { &mut *entry };
     // Saturating: another CPU may just have stored a later timestamp.
     let idle = now.saturating_sub(entry.last_seen_ns);
-    if udp && idle > CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns) {
+    let timeout = if udp {
+        CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns)
+    } else {
+        u64::MAX
+    };
+    if idle > timeout {
         return Lookup::Miss {
             outcome: Stat::FlowMissSyn,
             key,
@@ -71,7 +76,9 @@ pub fn lookup(flow: &Flow) -> Lookup {
     }
     match BACKENDS.get(entry.backend_id) {
         Some(b) if b.generation == entry.generation && b.flags & BACKEND_F_KEEP_FLOWS != 0 => {
-            if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS {
+            // Refreshed at most once per granularity, and always well
+            // within the timeout, so a busy flow never looks idle.
+            if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS.min(timeout / 2) {
                 entry.last_seen_ns = now;
             }
             Lookup::Hit {
@@ -131,6 +138,12 @@ pub fn place(
     let backend = BACKENDS
         .get(backend_id)
         .ok_or(Verdict::Drop(Stat::DropInternal))?;
+    // A packet that read a VIP entry just before the VIP was removed may find
+    // its id's slots and backends already given to another VIP: never send
+    // (or pin) a flow to a backend of another VIP.
+    if backend.vip_id != vip.id {
+        return Err(Verdict::Drop(Stat::DropInternal));
+    }
     let entry = FlowEntry {
         backend_id,
         generation: backend.generation,

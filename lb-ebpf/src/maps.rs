@@ -9,12 +9,12 @@ use aya_ebpf::{
 use lb_common::{
     BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig,
     MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic,
-    VIP_FILTER_WORDS, VipEntry, VipKey,
+    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
 };
 
 /// (address, port, protocol) -> VIP id, active table half, forwarding mode.
 #[map]
-pub static VIPS: HashMap<VipKey, VipEntry> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS: HashMap<VipKey, VipEntry> = HashMap::with_max_entries(MAX_VIPS, VIPS_MAP_FLAGS);
 
 /// Backend id -> address, MACs, egress interface.
 #[map]

@@ -25,7 +25,7 @@ use aya::{
 };
 use lb_common::{
     BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS,
-    PROGRAM_NAME, SlotPair, StatBlock, Traffic, VipEntry, VipKey, map_names,
+    PROGRAM_NAME, SlotPair, StatBlock, Traffic, VIPS_MAP_FLAGS, VipEntry, VipKey, map_names,
 };
 
 /// The XDP object built by build.rs from lb-ebpf.
@@ -84,7 +84,12 @@ impl Sizes {
     /// What this build and these sizes expect of each map.
     fn layout(&self, map: &str) -> Layout {
         let (key, value, entries, flags) = match map {
-            map_names::VIPS => (size_of::<VipKey>(), size_of::<VipEntry>(), None, 0),
+            map_names::VIPS => (
+                size_of::<VipKey>(),
+                size_of::<VipEntry>(),
+                None,
+                VIPS_MAP_FLAGS,
+            ),
             map_names::BACKENDS => (4, size_of::<BackendEntry>(), None, 0),
             map_names::MAGLEV => (
                 4,
@@ -129,10 +134,10 @@ fn link_pin(dir: &Path) -> PathBuf {
     dir.join("link")
 }
 
-/// True when `dir` holds the maps of a previous `lb run` (whether or not its
+/// True when `dir` holds any map of a previous `lb run` (whether or not its
 /// attachment survived): they must be adopted, never treated as empty.
 pub fn is_pinned(dir: &Path) -> bool {
-    map_pin(dir, map_names::VIPS).exists()
+    map_names::ALL.iter().any(|m| map_pin(dir, m).exists())
 }
 
 /// True while the attachment's link is pinned (`lb stop` removes it).
@@ -147,21 +152,28 @@ pub struct PinLock {
 }
 
 pub fn lock(pin_dir: &Path) -> Result<PinLock, LoadError> {
-    use std::os::fd::AsRawFd as _;
     ensure_bpffs(pin_dir)?;
-    std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::Io {
+    lock_dir(pin_dir)
+}
+
+/// [`lock`] without the bpffs check.
+fn lock_dir(pin_dir: &Path) -> Result<PinLock, LoadError> {
+    use std::os::fd::AsRawFd as _;
+    let io_err = |source| LoadError::Io {
         path: pin_dir.to_owned(),
         source,
-    })?;
-    let dir = std::fs::File::open(pin_dir).map_err(|source| LoadError::Io {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
+    };
+    std::fs::create_dir_all(pin_dir).map_err(io_err)?;
+    let dir = std::fs::File::open(pin_dir).map_err(io_err)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(LoadError::Locked {
-            path: pin_dir.to_owned(),
-        });
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(LoadError::Locked {
+                path: pin_dir.to_owned(),
+            });
+        }
+        return Err(io_err(e));
     }
     Ok(PinLock { _dir: dir })
 }
@@ -346,4 +358,55 @@ fn mount_bpffs(at: &Path) -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-loader-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("maps")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn remove_pins_removes_only_what_lb_pins() {
+        let dir = scratch("remove");
+        for f in ["link", "maps/VIPS", "maps/FLOWS"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        std::fs::write(dir.join("someone-elses-pin"), "").unwrap();
+        assert!(remove_pins(&dir).unwrap());
+        assert!(!dir.join("link").exists() && !dir.join("maps").exists());
+        assert!(
+            dir.join("someone-elses-pin").exists(),
+            "foreign files stay, and so does their directory"
+        );
+        assert!(!remove_pins(&dir).unwrap(), "nothing of lb's left");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_pin_directory_is_refused() {
+        let dir = scratch("lock");
+        let first = lock_dir(&dir).unwrap();
+        assert!(matches!(lock_dir(&dir), Err(LoadError::Locked { .. })));
+        drop(first);
+        assert!(lock_dir(&dir).is_ok(), "released with its holder");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn any_pinned_map_counts_as_state_to_adopt() {
+        let dir = scratch("pinned");
+        assert!(!is_pinned(&dir));
+        std::fs::write(dir.join("maps/FLOWS"), "").unwrap();
+        assert!(
+            is_pinned(&dir),
+            "flows alone must not be mistaken for a fresh start"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

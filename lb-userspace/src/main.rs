@@ -110,6 +110,17 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return bad_config(&e),
             };
+            // A running `lb run` holds the lock: stopping under it would leave
+            // it managing maps that no longer exist.
+            let _lock = match lb_userspace::loader::lock(&c.pin_path) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!(
+                        "lb: {e}; stop it first (SIGTERM, with --detach-on-exit to detach as it exits)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
             match lb_userspace::loader::remove_pins(&c.pin_path) {
                 Ok(true) => {
                     println!(

@@ -192,7 +192,7 @@ fn register_status(r: &Registry, s: &Status) {
     let skew = gauge(
         r,
         "lb_vip_backend_skew",
-        "Busiest backend's share of new flows since the previous scrape over its table share.",
+        "Largest ratio of a backend's share of new flows since the previous scrape to its table share.",
         &["vip", "proto"],
     );
     for v in &s.vips {

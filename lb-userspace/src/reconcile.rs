@@ -142,6 +142,18 @@ impl AppliedVip {
     }
 }
 
+/// How long a freed VIP or backend id stays unused.
+const ID_QUARANTINE: Duration = Duration::from_secs(1);
+
+/// Ids in `freed` that are still in quarantine (and forgets the others).
+fn quarantined(
+    freed: &mut Vec<(u32, Instant)>,
+    quarantine: Duration,
+) -> impl Iterator<Item = u32> + '_ {
+    freed.retain(|(_, at)| at.elapsed() < quarantine);
+    freed.iter().map(|(id, _)| *id)
+}
+
 /// How long a table half that was just retired stays untouched. XDP runs a
 /// packet in well under a microsecond; a millisecond covers any packet that
 /// read the VIP entry just before the swap.
@@ -209,6 +221,11 @@ pub struct Reconciler<D> {
     backends: BTreeMap<u32, BackendEntry>,
     /// Generation to give the next id allocation.
     next_generation: u32,
+    /// Ids freed lately (VIP ids, backend ids) and when: a packet may still
+    /// be using them, so they are not handed out again for a while.
+    freed_vips: Vec<(u32, Instant)>,
+    freed_backends: Vec<(u32, Instant)>,
+    id_quarantine: Duration,
     vip_filter: Option<VipFilter>,
 }
 
@@ -235,6 +252,9 @@ impl<D: Dataplane> Reconciler<D> {
             backend_ids: BTreeMap::new(),
             backends: BTreeMap::new(),
             next_generation: 1,
+            freed_vips: Vec::new(),
+            freed_backends: Vec::new(),
+            id_quarantine: ID_QUARANTINE,
             vip_filter: None,
         }
     }
@@ -248,7 +268,8 @@ impl<D: Dataplane> Reconciler<D> {
         let mut r = Self::new(dp, table_size, max_vips);
         let snapshot = r.dp.snapshot()?;
         let found = snapshot.global.layout_version;
-        if !snapshot.vips.is_empty() && found != lb_common::LAYOUT_VERSION {
+        let written = found != 0 || !snapshot.vips.is_empty() || !snapshot.backends.is_empty();
+        if written && found != lb_common::LAYOUT_VERSION {
             return Err(ReconcileError::Layout {
                 found,
                 wanted: lb_common::LAYOUT_VERSION,
@@ -278,6 +299,13 @@ impl<D: Dataplane> Reconciler<D> {
 
     pub fn dataplane(&self) -> &D {
         &self.dp
+    }
+
+    /// How long freed ids stay unused (default 1 s); tests of id reuse
+    /// shorten it.
+    pub fn with_id_quarantine(mut self, quarantine: Duration) -> Self {
+        self.id_quarantine = quarantine;
+        self
     }
 
     /// The backend id of `addr` in VIP `key`, if it has one.
@@ -326,7 +354,9 @@ impl<D: Dataplane> Reconciler<D> {
             .collect();
         for key in &gone {
             self.dp.remove_vip(*key)?;
-            self.vips.remove(key);
+            if let Some(a) = self.vips.remove(key) {
+                self.freed_vips.push((a.entry.id, Instant::now()));
+            }
         }
         self.release_backends(|(vip, _)| gone.contains(vip))?;
 
@@ -364,6 +394,7 @@ impl<D: Dataplane> Reconciler<D> {
                 self.dp.set_backend(id, entry)?;
             }
             self.backend_ids.remove(&k);
+            self.freed_backends.push((id, Instant::now()));
         }
         Ok(())
     }
@@ -386,11 +417,13 @@ impl<D: Dataplane> Reconciler<D> {
             let generation = self.backends.get(&id).map_or(0, |e| e.generation);
             return Ok((id, generation));
         }
-        let id = lowest_free(
-            self.backend_ids.values().copied(),
-            lb_common::MAX_BACKENDS,
-            "backend",
-        )?;
+        let used: Vec<u32> = self
+            .backend_ids
+            .values()
+            .copied()
+            .chain(quarantined(&mut self.freed_backends, self.id_quarantine))
+            .collect();
+        let id = lowest_free(used.into_iter(), lb_common::MAX_BACKENDS, "backend")?;
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let placeholder = BackendEntry {
@@ -421,7 +454,13 @@ impl<D: Dataplane> Reconciler<D> {
         let vip_id = match self.vips.get(&key) {
             Some(a) => a.entry.id,
             None => {
-                let id = lowest_free(self.vips.values().map(|a| a.entry.id), self.max_vips, "VIP")?;
+                let used: Vec<u32> = self
+                    .vips
+                    .values()
+                    .map(|a| a.entry.id)
+                    .chain(quarantined(&mut self.freed_vips, self.id_quarantine))
+                    .collect();
+                let id = lowest_free(used.into_iter(), self.max_vips, "VIP")?;
                 self.dp.zero_traffic(Some(id), None)?;
                 id
             }
@@ -895,7 +934,7 @@ mod tests {
 
     #[test]
     fn a_removed_backend_is_invalidated_and_its_id_reused_with_a_new_generation() {
-        let mut r = reconciler();
+        let mut r = reconciler().with_id_quarantine(Duration::ZERO);
         let c = config(true, 1);
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         let old = entry_of(&r, &c, 13);
@@ -920,8 +959,29 @@ mod tests {
     }
 
     #[test]
+    fn freed_ids_are_not_reused_while_a_packet_may_still_hold_them() {
+        let mut r = Reconciler::new(FakeDataplane::default(), M, 4);
+        let c = config(true, 1);
+        r.apply(&c, &all_up(), &neighbours()).unwrap();
+        let web = vip_key(&c.vips[0]);
+        let id13 = r.backend_id_of(&web, ip(13)).unwrap();
+        r.apply(&config(false, 1), &all_up(), &neighbours())
+            .unwrap();
+        let c14 = config_with(
+            &backends(&[(11, 1, "active"), (12, 1, "active"), (14, 1, "active")]),
+            "fail_open",
+        );
+        r.apply(&c14, &all_up(), &neighbours()).unwrap();
+        assert_ne!(
+            r.backend_id_of(&web, ip(14)),
+            Some(id13),
+            "quarantined id not reused at once"
+        );
+    }
+
+    #[test]
     fn a_removed_vip_is_removed_and_its_id_reused() {
-        let mut r = reconciler();
+        let mut r = reconciler().with_id_quarantine(Duration::ZERO);
         let c = config(false, 1);
         r.apply(&c, &all_up(), &neighbours()).unwrap();
         let mut only_dns = c.clone();

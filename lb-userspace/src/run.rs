@@ -75,6 +75,9 @@ struct Daemon {
 }
 
 pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Result<()> {
+    // Held until exit: one control plane per pinned state (`lb stop` checks
+    // it too).
+    let _lock = loader::lock(&config.pin_path)?;
     // The admin listener comes first, so `/ready` answers 503 while starting.
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -91,8 +94,6 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     info!(listen = %config.admin_listen, "admin listener up");
 
     let pin = config.pin_path.clone();
-    // Held until exit: one control plane per pinned state.
-    let _lock = loader::lock(&pin)?;
     let adopting = loader::is_pinned(&pin);
     let mut ebpf = loader::load(sizes(&config), Some(&pin))?;
     let dp = AyaDataplane::new(&mut ebpf)?;
@@ -187,7 +188,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             }
             _ = refresh.tick() => {
                 d.refresh_neighbours().await;
-                d.check_attachment(&pin);
+                d.check_attachment(&pin, leave_at.is_some());
             }
             _ = counters.tick() => d.log_counters(),
         }
@@ -209,7 +210,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
 impl Daemon {
     /// Notices an attachment removed behind our back (`lb stop`, or the
     /// interface deleted), so metrics and `/ready` tell the truth.
-    fn check_attachment(&mut self, pin: &Path) {
+    fn check_attachment(&mut self, pin: &Path, shutting_down: bool) {
         let attached = loader::link_is_pinned(pin) && interface_exists(&self.config.interface);
         if attached != self.attached {
             if attached {
@@ -218,7 +219,10 @@ impl Daemon {
                 error!(interface = %self.config.interface, "the XDP program is no longer attached");
             }
             self.attached = attached;
-            self.ready.store(attached, Ordering::SeqCst);
+            // Once a shutdown started, /ready stays 503 whatever happens.
+            if !shutting_down {
+                self.ready.store(attached, Ordering::SeqCst);
+            }
         }
     }
 
@@ -311,17 +315,23 @@ impl Daemon {
                 // are forgotten.
                 let live = backend_keys(&new);
                 self.health.retain(|k, _| live.contains(k));
-                for v in self
+                let gone = self
                     .config
                     .vips
                     .iter()
-                    .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)))
-                {
+                    .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)));
+                for v in gone {
                     let labels = [format!("{}:{}", v.address, v.port), v.protocol.to_string()];
+                    let labels = [labels[0].as_str(), labels[1].as_str()];
+                    let _ = self.metrics.maglev_rebuilds.remove_label_values(&labels);
                     let _ = self
                         .metrics
-                        .maglev_rebuilds
-                        .remove_label_values(&[&labels[0], &labels[1]]);
+                        .maglev_build_duration
+                        .remove_label_values(&labels);
+                    let _ = self
+                        .metrics
+                        .health_check_duration
+                        .remove_label_values(&labels);
                 }
                 self.config = new;
                 self.record(&swaps);

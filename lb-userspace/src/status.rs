@@ -210,13 +210,21 @@ fn state_name(s: BackendState) -> &'static str {
     }
 }
 
+/// Fewest new flows a backend must expect in the window for skew to count.
+const MIN_EXPECTED_FLOWS: f64 = 10.0;
+
 /// `(new flows in the window, expected share)` per backend -> the largest
 /// ratio of a backend's share of the window's new flows to its expected
 /// share. Backends outside the table (expected share 0) are left out: flows
 /// only reach them around a table swap.
 pub fn skew(deltas: &[(f64, f64)]) -> Option<f64> {
     let total: f64 = deltas.iter().map(|d| d.0).sum();
-    if total == 0.0 {
+    // Below about ten expected flows per backend, Poisson noise alone reads
+    // as skew; report none rather than a false alarm.
+    if deltas
+        .iter()
+        .any(|d| d.1 > 0.0 && total * d.1 < MIN_EXPECTED_FLOWS)
+    {
         return None;
     }
     deltas
@@ -254,5 +262,10 @@ mod tests {
         // A light backend over its share counts even when a heavy one has
         // more flows in absolute terms.
         assert_eq!(skew(&[(20.0, 0.1), (80.0, 0.9)]), Some(2.0));
+        // Too few flows to tell: one flow to a backend expecting a third.
+        assert_eq!(
+            skew(&[(1.0, 1.0 / 3.0), (0.0, 1.0 / 3.0), (0.0, 1.0 / 3.0)]),
+            None
+        );
     }
 }

@@ -662,6 +662,9 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
     let mut ms = Vec::new();
     for i in 0..(4 * s.maglev_runs + 1) {
         let health = if i % 2 == 0 { &down } else { &Health::new() };
+        // Back-to-back swaps would otherwise time the grace period that keeps
+        // a just-retired table half untouched, not the swap.
+        std::thread::sleep(Duration::from_millis(5));
         let start = Instant::now();
         let swaps = r.apply(&config, health, &neighbours)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);

@@ -107,19 +107,60 @@ impl Drop for Netns {
     }
 }
 
-/// Deletes namespaces left by runs whose process no longer exists (a test
-/// binary killed with SIGKILL cannot clean up after itself).
+/// Removes what runs whose process no longer exists left behind (a test
+/// binary killed with SIGKILL cannot clean up after itself): namespaces,
+/// pinned lb state under /sys/fs/bpf, and scratch directories. Their `lb`
+/// and Prometheus processes died with them (parent-death signal).
 fn sweep_leftovers() {
-    let Ok(out) = run("ip", &["netns", "list"]) else {
-        return;
+    let dead = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.split('-').next())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = run("ip", &["netns", "delete", name]);
+    if let Ok(out) = run("ip", &["netns", "list"]) {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if dead(name) {
+                let _ = run("ip", &["netns", "delete", name]);
+            }
         }
+    }
+    for entry in std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if dead(&entry.file_name().to_string_lossy()) {
+            let _ = lb_userspace::loader::remove_pins(&entry.path());
+        }
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if dead(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Makes `command`'s process get SIGKILL when this process dies, so a test
+/// killed with SIGKILL leaves no lb or Prometheus running.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    // SAFETY: only async-signal-safe calls between fork and exec. The setting
+    // survives exec.
+    let parent = std::process::id() as i32;
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }

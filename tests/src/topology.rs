@@ -455,17 +455,7 @@ impl LbProcess {
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; nothing else runs in the child
-        // between fork and exec. The setting survives the exec of nsenter
-        // and of lb.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::netns::die_with_parent(&mut command);
         let child = command.spawn().context("starting lb")?;
         self.child = Some(child);
         Ok(())

@@ -95,7 +95,9 @@ impl Prometheus {
             ),
         )?;
         let log = std::fs::File::create(dir.join("prometheus.log"))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        lb_tests::netns::die_with_parent(&mut command);
+        let child = command
             .args(["netns", "exec", client.name(), "prometheus"])
             .arg(format!(
                 "--config.file={}",

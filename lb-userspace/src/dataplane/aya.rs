@@ -233,15 +233,17 @@ impl MappedSlots {
                 capacity: self.len as u32,
             });
         }
-        // SAFETY: the range was checked against the mapping's length above.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                slots.as_ptr(),
-                self.ptr.as_ptr().add(start),
-                slots.len(),
-            );
+        // Each slot is stored whole (an aligned 32-bit store), so a reader
+        // still on this half never sees a torn id.
+        for (i, &id) in slots.iter().enumerate() {
+            // SAFETY: in range (checked above) and 4-byte aligned (the
+            // mapping is page aligned); the kernel only reads these words.
+            let slot =
+                unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().add(start + i)) };
+            slot.store(id, std::sync::atomic::Ordering::Relaxed);
         }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // The VIP entry update that publishes the half is a system call,
+        // which orders these stores before it.
         Ok(())
     }
 }
