@@ -57,7 +57,7 @@ pub const fn maglev_entries(max_vips: u32, table_size: u32) -> u32 {
     (max_vips * TABLE_HALVES * table_size).div_ceil(2)
 }
 /// Flags of the `MAGLEV` array: `BPF_F_MMAPABLE`, so userspace writes a whole
-/// table half with one memory copy instead of a system call per slot.
+/// table half with plain stores instead of a system call per slot.
 pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
 /// Placeholder size of the `FLOWS` LRU map; userspace sizes it at load time.
 pub const FLOWS_DEFAULT_ENTRIES: u32 = 1024;

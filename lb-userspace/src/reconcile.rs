@@ -1013,8 +1013,8 @@ mod tests {
             adopted.dataplane().log.is_empty(),
             "adoption writes nothing"
         );
-        assert_eq!(health[&(vip_key(&c.vips[0]), ip(13))], false);
-        assert_eq!(health[&(vip_key(&c.vips[0]), ip(11))], true);
+        assert!(!health[&(vip_key(&c.vips[0]), ip(13))]);
+        assert!(health[&(vip_key(&c.vips[0]), ip(11))]);
         adopted.apply(&c, &health, &neighbours()).unwrap();
         let dp = adopted.dataplane();
         // Same ids and generations; one rebuild into the other half gives the

@@ -59,6 +59,9 @@ pub struct BackendStatus {
     pub new_flows: u64,
 }
 
+/// A VIP's counters and its backends', by address.
+pub type VipCounters = (lb_common::Traffic, BTreeMap<Ipv4Addr, lb_common::Traffic>);
+
 /// The inputs the daemon holds; `traffic` gives a VIP's counters and its
 /// backends' by address, `shares` each backend's table share.
 pub struct Inputs<'a> {
@@ -67,8 +70,7 @@ pub struct Inputs<'a> {
     pub counters: &'a Counters,
     pub attached: bool,
     pub ready: bool,
-    pub traffic:
-        &'a dyn Fn(&VipKey) -> (lb_common::Traffic, BTreeMap<Ipv4Addr, lb_common::Traffic>),
+    pub traffic: &'a dyn Fn(&VipKey) -> VipCounters,
     pub shares: &'a dyn Fn(&VipKey) -> BTreeMap<Ipv4Addr, f64>,
     /// New-flow counts at the previous scrape, for the skew window.
     pub previous_new_flows: &'a BTreeMap<(VipKey, Ipv4Addr), u64>,
