@@ -720,6 +720,17 @@ mod tests {
         Reconciler::new(FakeDataplane::default(), M, 4)
     }
 
+    /// The backend address each slot of the first VIP's table leads to, as
+    /// the pure builder gives it (all backends healthy).
+    fn planned_addresses(c: &Config) -> Vec<Option<Ipv4Addr>> {
+        let (_, table) = &plan(c)[0];
+        table
+            .slots
+            .iter()
+            .map(|&s| Some(table.backends[s as usize].address))
+            .collect()
+    }
+
     /// The backend address each slot of the VIP's active table leads to.
     fn active_addresses(r: &Reconciler<FakeDataplane>, vip: &Vip) -> Vec<Option<Ipv4Addr>> {
         let dp = r.dataplane();
@@ -754,13 +765,7 @@ mod tests {
         let vip_at = dp.log.iter().position(|l| l == "set_vip 0").unwrap();
         assert!(table_at < vip_at, "{:?}", dp.log);
         // The table in the map is the one the pure builder gives.
-        let (vip, table) = &plan(&c)[0];
-        let expected: Vec<_> = table
-            .slots
-            .iter()
-            .map(|&s| Some(table.backends[s as usize].address))
-            .collect();
-        assert_eq!(active_addresses(&r, vip), expected);
+        assert_eq!(active_addresses(&r, &c.vips[0]), planned_addresses(&c));
         // MACs, flags, VIP id and a generation reach the backend entries.
         let e = entry_of(&r, &c, 12);
         assert_eq!(
@@ -862,12 +867,7 @@ mod tests {
         );
         // Coming back restores the very same table.
         r.apply(&c, &all_up(), &neighbours()).unwrap();
-        let (_, table) = &plan(&c)[0];
-        let expected: Vec<_> = table
-            .slots
-            .iter()
-            .map(|&s| Some(table.backends[s as usize].address))
-            .collect();
+        let expected = planned_addresses(&c);
         assert_eq!(active_addresses(&r, &c.vips[0]), expected);
     }
 
@@ -1112,12 +1112,7 @@ mod tests {
             r.dataplane().active_table(&vip_key(&c.vips[0])).unwrap(),
             before
         );
-        let (_, table) = &plan(&reseeded)[0];
-        let expected: Vec<_> = table
-            .slots
-            .iter()
-            .map(|&s| Some(table.backends[s as usize].address))
-            .collect();
+        let expected = planned_addresses(&reseeded);
         assert_eq!(active_addresses(&r, &c.vips[0]), expected);
     }
 
