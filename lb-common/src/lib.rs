@@ -6,6 +6,7 @@
 //! requires every byte to be initialised).
 #![no_std]
 
+pub mod decap;
 pub mod hash;
 
 /// Map names, shared so userspace never mistypes one.

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod loader;
 pub mod maglev;

@@ -30,6 +30,9 @@ use lb_common::{
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// `lb decap`'s program (see lb-ebpf/src/bin/decap.rs).
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap"));
+
 /// The reference programs used by test rigs and the benchmark (`xdp_pass`,
 /// `xdp_tx_swap`, `xdp_gen`, `xdp_count_drop`).
 pub static BASELINE_OBJECT: &[u8] =
@@ -126,7 +129,7 @@ struct Layout {
     flags: u32,
 }
 
-fn map_pin(dir: &Path, map: &str) -> PathBuf {
+pub fn map_pin(dir: &Path, map: &str) -> PathBuf {
     dir.join("maps").join(map)
 }
 
@@ -246,16 +249,25 @@ pub enum Attached {
     Replaced,
 }
 
-/// Attaches the loaded program to `ifindex` and pins the link, or, when a
-/// link is pinned already, swaps this program into it.
+/// Attaches the load balancer's program (see [`attach_program`]).
 pub fn attach(
     ebpf: &mut Ebpf,
     ifindex: u32,
     mode: XdpMode,
     pin_dir: &Path,
 ) -> Result<Attached, LoadError> {
+    attach_program(program(ebpf)?, ifindex, mode, pin_dir)
+}
+
+/// Attaches the loaded `prog` to `ifindex` and pins the link under
+/// `pin_dir`, or, when a link is pinned there already, swaps `prog` into it.
+pub fn attach_program(
+    prog: &mut Xdp,
+    ifindex: u32,
+    mode: XdpMode,
+    pin_dir: &Path,
+) -> Result<Attached, LoadError> {
     let path = link_pin(pin_dir);
-    let prog = program(ebpf)?;
     let link_err = |source| LoadError::Link {
         path: path.clone(),
         source,
@@ -283,9 +295,13 @@ pub fn attach(
 /// them empty, so a mistaken `pin_path` cannot take other pins with it.
 /// Returns whether anything was there.
 pub fn remove_pins(pin_dir: &Path) -> Result<bool, LoadError> {
+    remove_pins_of(pin_dir, &map_names::ALL)
+}
+
+/// [`remove_pins`] for a program whose maps are `maps`.
+pub fn remove_pins_of(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoadError> {
     let mut found = false;
-    let files = std::iter::once(link_pin(pin_dir))
-        .chain(map_names::ALL.iter().map(|m| map_pin(pin_dir, m)));
+    let files = std::iter::once(link_pin(pin_dir)).chain(maps.iter().map(|m| map_pin(pin_dir, m)));
     for path in files {
         match std::fs::remove_file(&path) {
             Ok(()) => found = true,
@@ -302,7 +318,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<bool, LoadError> {
 
 /// Makes sure `dir` can hold pins: its nearest existing ancestor must be on a
 /// bpffs. The conventional /sys/fs/bpf is mounted when it is not yet.
-fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     let existing = dir
         .ancestors()
         .find(|p| p.exists())

@@ -40,6 +40,24 @@ enum Command {
     },
     /// Validate a config file and show how each VIP's table is shared.
     CheckConfig { config: PathBuf },
+    /// On a backend: open IPIP packets addressed to this host in XDP, so the
+    /// host needs no ipip module. Keeps running after exit, like `lb run`.
+    Decap {
+        #[arg(long)]
+        interface: String,
+        /// native or generic XDP.
+        #[arg(long, default_value = "native")]
+        xdp_mode: String,
+        /// bpffs directory for its pins (default /sys/fs/bpf/lb-decap/IF).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// On SIGINT/SIGTERM, detach and remove the pinned state.
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Detach a running decap (from an earlier `lb decap`) and exit.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Show the running instance's VIPs, backends and counters.
     Status {
         /// Admin listener to ask (default: the config's admin.listen, else
@@ -74,6 +92,13 @@ fn main() -> ExitCode {
             }
             Err(e) => bad_config(&e),
         },
+        Command::Decap {
+            interface,
+            xdp_mode,
+            pin_path,
+            detach_on_exit,
+            stop,
+        } => decap(interface, &xdp_mode, pin_path, detach_on_exit, stop),
         Command::Status {
             admin,
             config,
@@ -182,6 +207,70 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn decap(
+    interface: String,
+    xdp_mode: &str,
+    pin_path: Option<PathBuf>,
+    detach_on_exit: bool,
+    stop: bool,
+) -> ExitCode {
+    let pin_path = pin_path.unwrap_or_else(|| lb_userspace::decap::default_pin_path(&interface));
+    if stop {
+        return match lb_userspace::decap::stop(&pin_path) {
+            Ok(true) => {
+                println!(
+                    "decap detached from {interface}; removed {}",
+                    pin_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("nothing pinned at {}", pin_path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lb: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mode = match xdp_mode {
+        "native" => aya::programs::XdpMode::Driver,
+        "generic" => aya::programs::XdpMode::Skb,
+        other => {
+            eprintln!("lb decap: --xdp-mode `{other}` is not native or generic");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let Some(ifindex) = interface_index(&interface) else {
+        eprintln!("lb decap: --interface `{interface}` does not exist on this host");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    let options = lb_userspace::decap::Options {
+        interface,
+        mode,
+        pin_path,
+        detach_on_exit,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(lb_userspace::decap::run(options, ifindex)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

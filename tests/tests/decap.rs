@@ -1,0 +1,142 @@
+//! Packet tier for `lb decap`'s program: exact output bytes and counters
+//! through BPF_PROG_TEST_RUN. Needs root.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, PerCpuArray},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use etherparse::{IpNumber, PacketBuilder};
+use lb_common::decap::{DECAP_PROGRAM, DecapStat, DecapStats, map_names};
+use lb_tests::root::root_or_skip;
+use lb_userspace::loader::DECAP_OBJECT;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const HOST: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
+const LB: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+
+/// The decap program with `HOST` as its only local address.
+fn program(test: &str) -> Option<Ebpf> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let mut ebpf = Ebpf::load(DECAP_OBJECT).unwrap();
+    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let mut addrs: HashMap<_, u32, u8> =
+        HashMap::try_from(ebpf.map_mut(map_names::DECAP_ADDRS).unwrap()).unwrap();
+    addrs
+        .insert(u32::from_ne_bytes(HOST.octets()), 1, 0)
+        .unwrap();
+    Some(ebpf)
+}
+
+fn run(ebpf: &mut Ebpf, packet: &[u8]) -> (u32, Vec<u8>) {
+    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; packet.len() + 64];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap();
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn counters(ebpf: &Ebpf) -> [u64; 3] {
+    let stats: PerCpuArray<_, DecapStats> =
+        PerCpuArray::try_from(ebpf.map(map_names::DECAP_STATS).unwrap()).unwrap();
+    let per_cpu = stats.get(&0, 0).unwrap();
+    DecapStat::ALL.map(|s| per_cpu.iter().map(|b| b[s as usize]).sum())
+}
+
+/// The inner packet: a UDP datagram from the client to the VIP.
+fn inner() -> Vec<u8> {
+    let mut p = Vec::new();
+    PacketBuilder::ipv4(CLIENT.octets(), VIP.octets(), 63)
+        .udp(40000, 5353)
+        .write(&mut p, b"hello")
+        .unwrap();
+    p
+}
+
+/// `inner` in an IPIP packet from the load balancer to `to`.
+fn ipip(to: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    PacketBuilder::ethernet2(MACS.0, MACS.1)
+        .ipv4(LB.octets(), to.octets(), 64)
+        .write(&mut p, IpNumber::IPV4, inner)
+        .unwrap();
+    p
+}
+
+#[test]
+fn an_ipip_packet_for_this_host_loses_exactly_its_outer_header() {
+    let Some(mut ebpf) = program("an_ipip_packet_for_this_host_loses_exactly_its_outer_header")
+    else {
+        return;
+    };
+    let inner = inner();
+    let packet = ipip(HOST, &inner);
+    assert_eq!(packet[14 + 9], 4, "outer protocol IPIP");
+    let (action, out) = run(&mut ebpf, &packet);
+    assert_eq!(action, XDP_PASS);
+    let mut expected = packet[..14].to_vec();
+    expected.extend_from_slice(&inner);
+    assert_eq!(
+        out, expected,
+        "same Ethernet header, then the inner packet byte for byte"
+    );
+    assert_eq!(counters(&ebpf), [1, 0, 0]);
+}
+
+#[test]
+fn everything_else_passes_untouched() {
+    let Some(mut ebpf) = program("everything_else_passes_untouched") else {
+        return;
+    };
+    let mut with_options = ipip(HOST, &inner());
+    with_options[14] = 0x46; // IHL 6: not opened, the kernel decides
+    let mut fragment = ipip(HOST, &inner());
+    fragment[14 + 6] = 0x20; // more fragments
+    let mut plain = Vec::new();
+    PacketBuilder::ethernet2(MACS.0, MACS.1)
+        .ipv4(LB.octets(), HOST.octets(), 64)
+        .udp(1, 2)
+        .write(&mut plain, b"x")
+        .unwrap();
+    let cases = [
+        ipip(Ipv4Addr::new(10, 88, 0, 9), &inner()),
+        with_options,
+        fragment,
+        plain,
+    ];
+    for packet in &cases {
+        let (action, out) = run(&mut ebpf, packet);
+        assert_eq!((action, &out), (XDP_PASS, packet));
+    }
+    assert_eq!(counters(&ebpf), [0, 4, 0]);
+}
+
+#[test]
+fn an_ipip_packet_for_this_host_without_an_ipv4_inside_is_dropped() {
+    let Some(mut ebpf) = program("an_ipip_packet_for_this_host_without_an_ipv4_inside_is_dropped")
+    else {
+        return;
+    };
+    let short = ipip(HOST, &inner()[..10]);
+    let mut not_v4 = inner();
+    not_v4[0] = 0x65;
+    for packet in [short, ipip(HOST, &not_v4)] {
+        assert_eq!(run(&mut ebpf, &packet).0, XDP_DROP);
+    }
+    assert_eq!(counters(&ebpf), [0, 0, 2]);
+}
