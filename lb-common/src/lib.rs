@@ -100,6 +100,9 @@ pub struct VipEntry {
 
 /// Forwarding mode: rewrite MACs and send on the same L2 segment.
 pub const FORWARD_L2: u32 = 0;
+/// Forwarding mode: encapsulate in IPIP to the backend, sent to the next hop
+/// towards it.
+pub const FORWARD_IPIP: u32 = 1;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
@@ -107,7 +110,7 @@ pub const FORWARD_L2: u32 = 0;
 pub struct BackendEntry {
     /// Backend address, network byte order.
     pub addr: u32,
-    /// MAC of the backend (or of the next hop towards it).
+    /// MAC of the backend (`l2`) or of the next hop towards it (`ipip`).
     pub dst_mac: [u8; 6],
     /// MAC of the interface the frame leaves through.
     pub src_mac: [u8; 6],
@@ -122,6 +125,10 @@ pub struct BackendEntry {
     pub vip_id: u32,
     /// The VIP's `FORWARD_*` mode, so a flow-table hit needs no VIP lookup.
     pub forwarding: u32,
+    /// `ipip`: outer source address (network byte order).
+    pub encap_src: u32,
+    /// MTU of the egress interface (0: unknown, not checked).
+    pub mtu: u32,
     /// Bumped by userspace whenever the id is given to a new (VIP, address)
     /// pair. A flow remembers the generation it was placed with, so a flow of
     /// a removed backend never follows its id to whoever reuses it.
@@ -192,7 +199,7 @@ pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Version of every map's key and value layout; bump it with any change to
 /// them (sizes alone do not catch reordered fields).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]
@@ -295,6 +302,8 @@ stats! {
     DropNoNeighbour = "drop_no_neighbour",
     /// A map lookup that cannot fail did (table index out of range).
     DropInternal = "drop_internal",
+    /// Encapsulated, the packet would exceed the egress MTU.
+    DropTooBig = "drop_too_big",
 }
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
@@ -319,7 +328,7 @@ mod pod {
 // Sizes are the sum of the fields: no implicit padding anywhere.
 const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
 const _: () = assert!(core::mem::size_of::<VipEntry>() == 12);
-const _: () = assert!(core::mem::size_of::<BackendEntry>() == 36);
+const _: () = assert!(core::mem::size_of::<BackendEntry>() == 44);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);

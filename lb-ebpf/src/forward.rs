@@ -1,9 +1,12 @@
 //! Forwarding modes. The IP packet is never modified: backends hold the VIP
 //! and reply to the client directly (direct server return).
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{BACKEND_F_RESOLVED, BackendEntry, Stat};
-use network_types::eth::EthHdr;
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{BACKEND_F_RESOLVED, BackendEntry, Stat, decap::IPPROTO_IPIP};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
 
 use crate::{Verdict, packet::ptr_at};
 
@@ -29,4 +32,76 @@ pub fn l2(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict> 
     } else {
         Ok(Verdict::Redirect(backend.ifindex))
     }
+}
+
+/// `ipip` mode: the backend is anywhere routable and runs `lb decap` (or a
+/// kernel IPIP tunnel). Put an outer IPv4 header in front of the packet,
+/// addressed from the VIP's encapsulation source to the backend, and send it
+/// to the next hop towards the backend. Every byte of the outer header is
+/// written: version and IHL, TOS (copied from the inner header), total
+/// length, ID 0 with Don't Fragment (RFC 6864: an atomic datagram needs no
+/// ID), TTL 64, protocol IPIP and the checksum.
+#[inline(always)]
+pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict> {
+    if backend.flags & BACKEND_F_RESOLVED == 0 {
+        return Err(Verdict::Drop(Stat::DropNoNeighbour));
+    }
+    let inner: *const Ipv4Hdr =
+        ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::Drop(Stat::DropTruncatedIp))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be_bytes((*inner).tot_len)) };
+    let outer_len = inner_len as u32 + Ipv4Hdr::LEN as u32;
+    if outer_len > u16::MAX as u32 || backend.mtu != 0 && outer_len > backend.mtu {
+        return Err(Verdict::Drop(Stat::DropTooBig));
+    }
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
+        return Err(Verdict::Drop(Stat::DropInternal));
+    }
+    // Packet pointers are invalid after adjust_head; take them afresh.
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let outer: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::Drop(Stat::DropInternal))?;
+    let mut header = Ipv4Hdr {
+        vihl: 0x45,
+        tos,
+        tot_len: (outer_len as u16).to_be_bytes(),
+        id: [0, 0],
+        frags: 0x4000u16.to_be_bytes(),
+        ttl: 64,
+        proto: IPPROTO_IPIP,
+        check: [0, 0],
+        src_addr: backend.encap_src.to_ne_bytes(),
+        dst_addr: backend.addr.to_ne_bytes(),
+    };
+    header.check = checksum(&header).to_be_bytes();
+    // SAFETY: both bounds-checked by ptr_at after the adjustment.
+    unsafe {
+        *eth = EthHdr {
+            dst_addr: backend.dst_mac,
+            src_addr: backend.src_mac,
+            ether_type: EtherType::Ipv4 as u16,
+        };
+        *outer = header;
+    }
+    if backend.ifindex == 0 || backend.ifindex == ctx.ingress_ifindex() as u32 {
+        Ok(Verdict::Tx)
+    } else {
+        Ok(Verdict::Redirect(backend.ifindex))
+    }
+}
+
+/// The IPv4 header checksum of `h` (whose `check` is zero).
+#[inline(always)]
+fn checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 plain bytes, readable as 10 big-endian words.
+    let bytes: &[u8; 20] = unsafe { &*(h as *const Ipv4Hdr as *const [u8; 20]) };
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }

@@ -15,7 +15,7 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{FORWARD_L2, Stat, StatBlock, Traffic, vip_filter_bit};
+use lb_common::{FORWARD_IPIP, FORWARD_L2, Stat, StatBlock, Traffic, vip_filter_bit};
 
 use crate::{
     flows::Lookup,
@@ -99,6 +99,7 @@ fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> 
     };
     let verdict = match backend.forwarding {
         FORWARD_L2 => forward::l2(ctx, backend)?,
+        FORWARD_IPIP => forward::ipip(ctx, backend)?,
         // Userspace only writes modes this program knows.
         _ => return Err(Verdict::Drop(Stat::DropInternal)),
     };

@@ -179,6 +179,7 @@ struct RawVip {
     port: i64,
     protocol: Protocol,
     forwarding: Forwarding,
+    encap_source: Option<String>,
     #[serde(default)]
     health_check: RawHealthCheck,
     #[serde(default)]
@@ -237,6 +238,8 @@ impl fmt::Display for Protocol {
 pub enum Forwarding {
     /// Rewrite MACs; backends share an L2 segment with the load balancer.
     L2,
+    /// Encapsulate in IPIP; backends anywhere routable, running `lb decap`.
+    Ipip,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -335,6 +338,9 @@ pub struct Vip {
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
+    /// `ipip`: outer source address; `None` takes the route's preferred
+    /// source (one of the host's addresses).
+    pub encap_source: Option<Ipv4Addr>,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
     pub backends: Vec<Backend>,
@@ -570,6 +576,17 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             }
         }
         backend_count += backends.len();
+        let encap_source = match (&v.encap_source, v.forwarding) {
+            (None, _) => None,
+            (Some(_), Forwarding::L2) => {
+                p.add(
+                    format!("{at}.encap_source"),
+                    "only applies to forwarding: ipip",
+                );
+                None
+            }
+            (Some(text), Forwarding::Ipip) => parse_v4(&mut p, &format!("{at}.encap_source"), text),
+        };
         if let (Some(address), Some(port), Some(health_check)) = (address, port, health_check) {
             vips.push(Vip {
                 name: v.name,
@@ -577,6 +594,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 port,
                 protocol: v.protocol,
                 forwarding: v.forwarding,
+                encap_source,
                 health_check,
                 on_all_down: v.on_all_down,
                 backends,
@@ -906,6 +924,34 @@ vips:
         assert!(e.contains("vips[0].port"), "{e}");
         let e = error_with("port: 80", "port: 65536");
         assert!(e.contains("vips[0].port"), "{e}");
+    }
+
+    #[test]
+    fn accepts_ipip_with_an_encap_source_and_rejects_it_for_l2() {
+        let text = GOOD.replacen(
+            "forwarding: l2",
+            "forwarding: ipip\n    encap_source: 203.0.113.1",
+            1,
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.vips[0].forwarding, Forwarding::Ipip);
+        assert_eq!(c.vips[0].encap_source, Some(Ipv4Addr::new(203, 0, 113, 1)));
+        let e = error_with(
+            "forwarding: l2",
+            "forwarding: l2\n    encap_source: 203.0.113.1",
+        );
+        assert!(
+            e.contains("vips[0].encap_source") && e.contains("only applies to forwarding: ipip"),
+            "{e}"
+        );
+        let e = error_with(
+            "forwarding: l2",
+            "forwarding: ipip\n    encap_source: nowhere",
+        );
+        assert!(
+            e.contains("vips[0].encap_source") && e.contains("not an IP address"),
+            "{e}"
+        );
     }
 
     #[test]

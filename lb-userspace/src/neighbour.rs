@@ -18,8 +18,9 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::{
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute},
 };
-use rtnetlink::Handle;
+use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::reconcile::{Neighbour, Neighbours};
 
@@ -39,12 +40,12 @@ pub struct NeighbourTable {
     handle: Handle,
 }
 
-/// What is known about one backend after a refresh.
+/// What the neighbour table says about one next hop.
 enum Entry {
     /// MAC known, and confirmed lately or being re-confirmed by the kernel.
-    Current(Neighbour),
+    Current(Hop),
     /// MAC known but not confirmed lately: usable, worth provoking a probe.
-    Stale(Neighbour),
+    Stale(Hop),
 }
 
 impl NeighbourTable {
@@ -55,26 +56,55 @@ impl NeighbourTable {
         Ok(Self { handle })
     }
 
-    async fn link_macs(&self) -> Result<BTreeMap<u32, [u8; 6]>, NeighbourError> {
+    /// MAC (if any) and MTU of every interface, by index.
+    async fn links(&self) -> Result<BTreeMap<u32, ([u8; 6], u32)>, NeighbourError> {
         let mut links = self.handle.link().get().execute();
-        let mut macs = BTreeMap::new();
+        let mut found = BTreeMap::new();
         while let Some(link) = links.try_next().await? {
+            let mut mac = None;
+            let mut mtu = 0;
             for attr in &link.attributes {
-                if let LinkAttribute::Address(a) = attr
-                    && let Ok(mac) = <[u8; 6]>::try_from(a.as_slice())
-                {
-                    macs.insert(link.header.index, mac);
+                match attr {
+                    LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+                    LinkAttribute::Mtu(m) => mtu = *m,
+                    _ => {}
                 }
             }
+            if let Some(mac) = mac {
+                found.insert(link.header.index, (mac, mtu));
+            }
         }
-        Ok(macs)
+        Ok(found)
+    }
+
+    /// The kernel's route to `dst` (RTM_GETROUTE): the next hop, the egress
+    /// interface and the preferred source. `None` when there is no route.
+    async fn route(&self, dst: Ipv4Addr) -> Option<Route> {
+        let request = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
+        let mut answers = self.handle.route().get(request).execute();
+        let msg = answers.try_next().await.ok()??;
+        let mut route = Route {
+            via: dst,
+            oif: 0,
+            src: None,
+        };
+        for attr in msg.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.via = g,
+                RouteAttribute::Oif(i) => route.oif = i,
+                RouteAttribute::PrefSource(RouteAddress::Inet(s)) => route.src = Some(s),
+                _ => {}
+            }
+        }
+        (route.oif != 0).then_some(route)
     }
 
     async fn entries(
         &self,
         wanted: &[Ipv4Addr],
     ) -> Result<BTreeMap<Ipv4Addr, Entry>, NeighbourError> {
-        let macs = self.link_macs().await?;
         let mut dump = self
             .handle
             .neighbours()
@@ -100,21 +130,17 @@ impl NeighbourTable {
             if !wanted.contains(&dst) {
                 continue;
             }
-            let Some(&src_mac) = macs.get(&msg.header.ifindex) else {
-                continue;
-            };
-            let n = Neighbour {
+            let hop = Hop {
                 ifindex: msg.header.ifindex,
                 mac,
-                src_mac,
             };
             let entry = match msg.header.state {
                 NeighbourState::Reachable
                 | NeighbourState::Permanent
                 | NeighbourState::Noarp
                 | NeighbourState::Delay
-                | NeighbourState::Probe => Entry::Current(n),
-                NeighbourState::Stale => Entry::Stale(n),
+                | NeighbourState::Probe => Entry::Current(hop),
+                NeighbourState::Stale => Entry::Stale(hop),
                 _ => continue,
             };
             found.insert(dst, entry);
@@ -122,33 +148,78 @@ impl NeighbourTable {
         Ok(found)
     }
 
-    /// Reads the MACs of `wanted` and provokes resolution of those that are
-    /// missing or stale (in DELAY or PROBE the kernel is already checking).
-    /// Returns every usable MAC.
-    pub async fn refresh(&self, wanted: &[Ipv4Addr]) -> Result<Neighbours, NeighbourError> {
-        let entries = self.entries(wanted).await?;
-        let mut usable = Neighbours::new();
-        for &addr in wanted {
-            match entries.get(&addr) {
-                Some(Entry::Current(n)) => {
-                    usable.insert(addr, *n);
-                }
-                Some(Entry::Stale(n)) => {
-                    usable.insert(addr, *n);
-                    provoke(addr);
-                }
-                None => provoke(addr),
+    /// Reads how to reach every backend in `wanted` and provokes resolution
+    /// of MACs that are missing or stale (in DELAY or PROBE the kernel is
+    /// already checking). Direct backends need their own MAC; routed ones the
+    /// MAC of the next hop on their route. Returns every usable entry, keyed
+    /// by backend address.
+    pub async fn refresh(&self, wanted: &Wanted) -> Result<Neighbours, NeighbourError> {
+        let links = self.links().await?;
+        let mut routes = BTreeMap::new();
+        for &b in &wanted.routed {
+            if let Some(r) = self.route(b).await {
+                routes.insert(b, r);
             }
+        }
+        let hops: Vec<Ipv4Addr> = wanted
+            .direct
+            .iter()
+            .copied()
+            .chain(routes.values().map(|r| r.via))
+            .collect();
+        let entries = self.entries(&hops).await?;
+        let mut usable = Neighbours::new();
+        let direct = wanted.direct.iter().map(|&b| {
+            (
+                b,
+                Route {
+                    via: b,
+                    oif: 0,
+                    src: None,
+                },
+            )
+        });
+        let routed = routes.iter().map(|(&b, &r)| (b, r));
+        for (backend, route) in direct.chain(routed) {
+            let (hop, stale) = match entries.get(&route.via) {
+                Some(Entry::Current(h)) => (*h, false),
+                Some(Entry::Stale(h)) => (*h, true),
+                None => {
+                    provoke(backend);
+                    continue;
+                }
+            };
+            if stale {
+                provoke(backend);
+            }
+            // The interface the frame leaves by is the neighbour's; for a
+            // routed backend it is also the route's.
+            let Some(&(src_mac, mtu)) = links.get(&hop.ifindex) else {
+                continue;
+            };
+            usable.insert(
+                backend,
+                Neighbour {
+                    ifindex: hop.ifindex,
+                    mac: hop.mac,
+                    src_mac,
+                    src_addr: route.src,
+                    mtu,
+                },
+            );
+        }
+        for b in wanted.routed.iter().filter(|b| !routes.contains_key(b)) {
+            tracing::debug!(backend = %b, "no route");
         }
         Ok(usable)
     }
 
-    /// Refreshes until every address in `wanted` has a MAC or `patience` runs
-    /// out; returns what it has. Used at start-up so the first packets do not
-    /// meet unresolved backends.
+    /// Refreshes until every backend in `wanted` is reachable or `patience`
+    /// runs out; returns what it has. Used at start-up so the first packets
+    /// do not meet unresolved backends.
     pub async fn resolve(
         &self,
-        wanted: &[Ipv4Addr],
+        wanted: &Wanted,
         patience: Duration,
     ) -> Result<Neighbours, NeighbourError> {
         let deadline = tokio::time::Instant::now() + patience;
@@ -160,6 +231,41 @@ impl NeighbourTable {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The backends to resolve: `direct` ones share a segment with us (`l2`),
+/// `routed` ones are reached through their route's next hop (`ipip`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub direct: Vec<Ipv4Addr>,
+    pub routed: Vec<Ipv4Addr>,
+}
+
+impl Wanted {
+    pub fn len(&self) -> usize {
+        self.direct.len() + self.routed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Ipv4Addr> {
+        self.direct.iter().chain(&self.routed)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Route {
+    via: Ipv4Addr,
+    oif: u32,
+    src: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Hop {
+    ifindex: u32,
+    mac: [u8; 6],
 }
 
 /// Makes the kernel resolve (or re-confirm) `addr` by sending it an empty

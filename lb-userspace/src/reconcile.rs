@@ -14,8 +14,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_L2, GlobalConfig, TABLE_HALVES,
-    Traffic, VipEntry, VipKey,
+    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_IPIP, FORWARD_L2, GlobalConfig,
+    TABLE_HALVES, Traffic, VipEntry, VipKey,
 };
 
 use crate::{
@@ -30,14 +30,19 @@ pub const BACKEND_F_HEALTHY: u32 = 4;
 /// `vip_id` of a backend entry whose id is free.
 const NO_VIP: u32 = u32::MAX;
 
-/// How a backend is reached, as learned from the kernel's neighbour table.
+/// How a backend is reached, as learned from the kernel's routes and
+/// neighbour table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
     pub ifindex: u32,
-    /// The backend's MAC.
+    /// The backend's MAC (`l2`), or the next hop's towards it (`ipip`).
     pub mac: [u8; 6],
     /// The MAC of the interface `ifindex`.
     pub src_mac: [u8; 6],
+    /// The route's preferred source address (the default outer source).
+    pub src_addr: Option<Ipv4Addr>,
+    /// MTU of the interface `ifindex` (0 if unknown).
+    pub mtu: u32,
 }
 
 pub type Neighbours = BTreeMap<Ipv4Addr, Neighbour>;
@@ -434,6 +439,8 @@ impl<D: Dataplane> Reconciler<D> {
             flags: 0,
             vip_id: NO_VIP,
             forwarding: 0,
+            encap_src: 0,
+            mtu: 0,
             generation,
         };
         self.dp.set_backend(id, placeholder)?;
@@ -467,6 +474,7 @@ impl<D: Dataplane> Reconciler<D> {
         };
         let forwarding = match vip.forwarding {
             Forwarding::L2 => FORWARD_L2,
+            Forwarding::Ipip => FORWARD_IPIP,
         };
 
         // Backend entries first: a table may only name ids whose entry exists.
@@ -481,13 +489,23 @@ impl<D: Dataplane> Reconciler<D> {
                 flags: 0,
                 vip_id,
                 forwarding,
+                encap_src: 0,
+                mtu: 0,
                 generation,
             };
             if let Some(n) = neighbours.get(&b.address) {
                 entry.dst_mac = n.mac;
                 entry.src_mac = n.src_mac;
                 entry.ifindex = n.ifindex;
-                entry.flags |= BACKEND_F_RESOLVED;
+                entry.mtu = n.mtu;
+                // An IPIP backend is usable only with an outer source address.
+                let src = vip.encap_source.or(n.src_addr);
+                if let Some(src) = src {
+                    entry.encap_src = u32::from_ne_bytes(src.octets());
+                }
+                if vip.forwarding == Forwarding::L2 || src.is_some() {
+                    entry.flags |= BACKEND_F_RESOLVED;
+                }
             }
             if plan.keep_flows.contains(&b.address) {
                 entry.flags |= BACKEND_F_KEEP_FLOWS;
@@ -689,6 +707,8 @@ mod tests {
                         ifindex: 2,
                         mac: [2, 0, 0, 0, 0, i],
                         src_mac: [2; 6],
+                        src_addr: None,
+                        mtu: 0,
                     },
                 )
             })

@@ -30,7 +30,7 @@ use crate::{
     health::{Supervisor, Transition},
     loader::{self, Attached, Sizes},
     metrics::Metrics,
-    neighbour::NeighbourTable,
+    neighbour::{NeighbourTable, Wanted},
     reconcile::{Health, Neighbours, Reconciler, Swap, backend_keys, vip_key},
     status::{self, Status},
 };
@@ -108,9 +108,9 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     };
 
     let table = NeighbourTable::connect().context("opening netlink")?;
-    let wanted = backend_addresses(&config);
+    let wanted = wanted(&config);
     let neighbours = table.resolve(&wanted, RESOLVE_PATIENCE).await?;
-    for addr in wanted.iter().filter(|a| !neighbours.contains_key(a)) {
+    for addr in wanted.all().filter(|a| !neighbours.contains_key(a)) {
         warn!(backend = %addr, "MAC not resolved yet; packets for it are dropped until it is");
     }
 
@@ -373,8 +373,7 @@ impl Daemon {
     }
 
     async fn refresh_neighbours(&mut self) {
-        let wanted = backend_addresses(&self.config);
-        match self.table.refresh(&wanted).await {
+        match self.table.refresh(&wanted(&self.config)).await {
             Ok(fresh) if fresh != self.neighbours => {
                 log_changes(&self.neighbours, &fresh);
                 match self.reconciler.apply(&self.config, &self.health, &fresh) {
@@ -415,15 +414,21 @@ fn interface_exists(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn backend_addresses(config: &Config) -> Vec<Ipv4Addr> {
-    let mut all: Vec<Ipv4Addr> = config
-        .vips
-        .iter()
-        .flat_map(|v| v.backends.iter().map(|b| b.address))
-        .collect();
-    all.sort();
-    all.dedup();
-    all
+/// The backends to resolve, by how they are reached.
+fn wanted(config: &Config) -> Wanted {
+    let mut w = Wanted::default();
+    for v in &config.vips {
+        let list = match v.forwarding {
+            config::Forwarding::L2 => &mut w.direct,
+            config::Forwarding::Ipip => &mut w.routed,
+        };
+        list.extend(v.backends.iter().map(|b| b.address));
+    }
+    for list in [&mut w.direct, &mut w.routed] {
+        list.sort();
+        list.dedup();
+    }
+    w
 }
 
 fn log_changes(old: &Neighbours, new: &Neighbours) {

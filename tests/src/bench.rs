@@ -202,6 +202,8 @@ impl LbInstance {
                         ifindex: 1,
                         mac: backend_mac(b),
                         src_mac: LB_MAC,
+                        src_addr: None,
+                        mtu: 0,
                     },
                 )
             })
@@ -486,6 +488,8 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
                 ifindex,
                 mac: gen_mac,
                 src_mac: lb_mac,
+                src_addr: None,
+                mtu: 0,
             },
         )]);
         reconciler.apply(&config, &Health::new(), &neighbours)?;

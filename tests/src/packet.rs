@@ -39,6 +39,8 @@ pub fn neighbours(addrs: impl IntoIterator<Item = Ipv4Addr>, ifindex: u32) -> Ne
                     ifindex,
                     mac: backend_mac(a),
                     src_mac: LB_MAC,
+                    src_addr: None,
+                    mtu: 0,
                 },
             )
         })

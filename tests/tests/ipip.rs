@@ -1,0 +1,201 @@
+//! Packet tier for `forwarding: ipip`: exact outer header bytes, the inner
+//! packet unchanged, and the no-neighbour and too-big paths, through
+//! BPF_PROG_TEST_RUN. Needs root.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{IpNumber, Ipv4Header};
+use lb_common::Stat;
+use lb_tests::{
+    packet::{Harness, LB_MAC, tcp_syn, udp},
+    root::root_or_skip,
+};
+use lb_userspace::reconcile::{Neighbour, Neighbours};
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const ROUTE_SRC: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 33);
+const ROUTER_MAC: [u8; 6] = [2, 0x77, 0, 0, 0, 1];
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 99, 0, 11),
+    Ipv4Addr::new(10, 99, 0, 12),
+    Ipv4Addr::new(10, 99, 0, 13),
+];
+
+fn config(encap_source: Option<Ipv4Addr>) -> String {
+    let backends: String = BACKENDS
+        .iter()
+        .map(|b| format!("      - {{ address: {b}, weight: 1 }}\n"))
+        .collect();
+    let source = encap_source.map_or(String::new(), |s| format!("    encap_source: {s}\n"));
+    format!(
+        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n\
+         \x20 - name: web\n    address: {VIP}\n    port: 80\n    protocol: tcp\n    forwarding: ipip\n{source}    backends:\n{backends}\
+         \x20 - name: dns\n    address: {VIP}\n    port: 53\n    protocol: udp\n    forwarding: ipip\n{source}    backends:\n{backends}"
+    )
+}
+
+/// Every backend reached through the router, on the loopback interface
+/// BPF_PROG_TEST_RUN runs on, with `mtu`.
+fn routed(mtu: u32) -> Neighbours {
+    BACKENDS
+        .iter()
+        .map(|&b| {
+            (
+                b,
+                Neighbour {
+                    ifindex: 1,
+                    mac: ROUTER_MAC,
+                    src_mac: LB_MAC,
+                    src_addr: Some(ROUTE_SRC),
+                    mtu,
+                },
+            )
+        })
+        .collect()
+}
+
+fn harness(test: &str, encap_source: Option<Ipv4Addr>, neighbours: &Neighbours) -> Option<Harness> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    Some(Harness::new(&config(encap_source), neighbours).expect("load"))
+}
+
+/// What the program must produce for `input` sent to `backend` from `src`.
+fn expected(input: &[u8], src: Ipv4Addr, backend: Ipv4Addr) -> Vec<u8> {
+    let inner = &input[14..];
+    let mut outer = Ipv4Header::new(
+        inner.len() as u16,
+        64,
+        IpNumber::IPV4,
+        src.octets(),
+        backend.octets(),
+    )
+    .unwrap();
+    outer.dont_fragment = true;
+    outer.identification = 0;
+    outer.dscp = etherparse::Ipv4Dscp::try_new(inner[1] >> 2).unwrap();
+    outer.ecn = etherparse::Ipv4Ecn::try_new(inner[1] & 3).unwrap();
+    outer.header_checksum = outer.calc_header_checksum();
+    let mut p = Vec::new();
+    p.extend_from_slice(&ROUTER_MAC);
+    p.extend_from_slice(&LB_MAC);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&outer.to_bytes());
+    p.extend_from_slice(inner);
+    p
+}
+
+#[test]
+fn tcp_and_udp_are_encapsulated_byte_for_byte() {
+    let Some(mut h) = harness(
+        "tcp_and_udp_are_encapsulated_byte_for_byte",
+        Some(LB),
+        &routed(1500),
+    ) else {
+        return;
+    };
+    let (web, dns) = (h.config.vips[0].clone(), h.config.vips[1].clone());
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 40000..40100u16 {
+        let syn = tcp_syn(CLIENT, sport, VIP, 80);
+        let out = h.run(&syn).unwrap();
+        let backend = h.expected_backend(&web, CLIENT, sport);
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(
+            out.packet,
+            expected(&syn, LB, backend),
+            "SYN from port {sport}"
+        );
+        seen.insert(backend);
+        let dgram = udp(CLIENT, sport, VIP, 53, b"query");
+        let out = h.run(&dgram).unwrap();
+        assert_eq!(
+            out.packet,
+            expected(&dgram, LB, h.expected_backend(&dns, CLIENT, sport))
+        );
+    }
+    assert_eq!(seen.len(), 3);
+    let c = h.counters().unwrap();
+    assert_eq!(c.stat(Stat::ActionTx), 200);
+}
+
+#[test]
+fn the_inner_tos_is_copied_and_the_route_source_is_the_default() {
+    let Some(mut h) = harness(
+        "the_inner_tos_is_copied_and_the_route_source_is_the_default",
+        None,
+        &routed(1500),
+    ) else {
+        return;
+    };
+    let web = h.config.vips[0].clone();
+    let mut syn = tcp_syn(CLIENT, 41000, VIP, 80);
+    syn[15] = 0xb9; // DSCP EF, ECN 01
+    let out = h.run(&syn).unwrap();
+    assert_eq!(
+        out.packet,
+        expected(&syn, ROUTE_SRC, h.expected_backend(&web, CLIENT, 41000))
+    );
+    assert_eq!(out.packet[15], 0xb9, "outer TOS");
+}
+
+#[test]
+fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
+    if !root_or_skip("no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac") {
+        return;
+    }
+    // No neighbour entries at all.
+    let mut h = Harness::new(&config(Some(LB)), &Neighbours::new()).unwrap();
+    assert_eq!(
+        h.run(&tcp_syn(CLIENT, 42000, VIP, 80)).unwrap().action,
+        XDP_DROP
+    );
+    // A next hop, but neither an encap_source nor a route source.
+    let mut no_src = routed(1500);
+    for n in no_src.values_mut() {
+        n.src_addr = None;
+    }
+    let mut h2 = Harness::new(&config(None), &no_src).unwrap();
+    assert_eq!(
+        h2.run(&tcp_syn(CLIENT, 42001, VIP, 80)).unwrap().action,
+        XDP_DROP
+    );
+    for h in [&h, &h2] {
+        let c = h.counters().unwrap();
+        assert_eq!(
+            (c.stat(Stat::DropNoNeighbour), c.stat(Stat::ActionTx)),
+            (1, 0)
+        );
+    }
+}
+
+#[test]
+fn a_packet_too_big_once_encapsulated_is_a_counted_drop() {
+    // MTU 100: a SYN (40 bytes of IP, 60 encapsulated) fits; 100 bytes of
+    // UDP payload (128 bytes of IP) do not.
+    let Some(mut h) = harness(
+        "a_packet_too_big_once_encapsulated_is_a_counted_drop",
+        Some(LB),
+        &routed(100),
+    ) else {
+        return;
+    };
+    assert_eq!(
+        h.run(&tcp_syn(CLIENT, 43000, VIP, 80)).unwrap().action,
+        XDP_TX
+    );
+    let big = udp(CLIENT, 43001, VIP, 53, &[0u8; 100]);
+    let out = h.run(&big).unwrap();
+    assert_eq!(
+        (out.action, &out.packet),
+        (XDP_DROP, &big),
+        "dropped unmodified"
+    );
+    let c = h.counters().unwrap();
+    assert_eq!((c.stat(Stat::DropTooBig), c.stat(Stat::ActionTx)), (1, 1));
+}
