@@ -37,9 +37,20 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 5353;
 
-/// The i-th backend's address (10.77.0.11, .12, ...).
+/// The i-th backend's address on the load balancer's segment (10.77.0.11,
+/// .12, ...).
 pub fn backend_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 11 + i as u8)
+}
+
+/// The router's address on the load balancer's segment (routed layout).
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The router's address on the backends' segment.
+pub const ROUTER_B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+/// The i-th backend's address behind the router (10.99.0.11, .12, ...).
+pub fn routed_backend_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 11 + i as u8)
 }
 
 pub struct Backend {
@@ -48,28 +59,59 @@ pub struct Backend {
     pub ns: Netns,
 }
 
-/// Fields drop in declaration order: servers and the load balancer stop
-/// before the namespaces they live in are deleted.
-pub struct L2Topology {
+/// Where the backends are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// On the load balancer's segment (`l2` forwarding).
+    SameSegment,
+    /// On another segment behind a router, each running `lb decap`
+    /// (`ipip` forwarding).
+    Routed,
+}
+
+/// Fields drop in declaration order: servers, decap processes and the load
+/// balancer stop before the namespaces they live in are deleted.
+pub struct Topology {
     servers: Vec<Server>,
+    _decaps: Vec<DecapProcess>,
     _peer_pass: Ebpf,
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Backend>,
-    _switch: Netns,
+    _router: Option<Netns>,
+    _switches: Vec<Netns>,
 }
 
-impl L2Topology {
+/// The topology most tests use: everything on one segment.
+pub type L2Topology = Topology;
+
+fn switch() -> anyhow::Result<Netns> {
+    let sw = Netns::new("sw")?;
+    sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+    sw.ip(&["link", "set", "br0", "up"])?;
+    Ok(sw)
+}
+
+impl Topology {
+    /// Everything on one segment (see the module docs).
+    pub fn new(backend_names: &[&str]) -> anyhow::Result<Topology> {
+        Self::build(backend_names, Layout::SameSegment)
+    }
+
+    /// Backends on 10.99.0.0/24 behind a router (10.77.0.1 / 10.99.0.1),
+    /// each running `lb decap`; the load balancer routes to them via the
+    /// router and still does not forward IP itself.
+    pub fn routed(backend_names: &[&str]) -> anyhow::Result<Topology> {
+        Self::build(backend_names, Layout::Routed)
+    }
+
     /// Builds the topology with one backend per name, each running a TCP
     /// server on VIP:80 and a UDP server on VIP:5353 that answer with the
     /// backend's name.
-    pub fn new(backend_names: &[&str]) -> anyhow::Result<L2Topology> {
-        let switch = Netns::new("sw")?;
-        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
-        switch.ip(&["link", "set", "br0", "up"])?;
-
+    pub fn build(backend_names: &[&str], layout: Layout) -> anyhow::Result<Topology> {
+        let front = switch()?;
         let client = Netns::new("client")?;
-        plug(&switch, &client, "p-client", CLIENT)?;
+        plug(&front, &client, "p-client", CLIENT)?;
         client.ip(&["route", "add", &format!("{VIP}/32"), "via", &LB.to_string()])?;
         // veth leaves TCP/UDP checksums for "later"; XDP_TX drops that
         // promise, so the client must send complete checksums (a real NIC
@@ -77,24 +119,58 @@ impl L2Topology {
         client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
 
         let lb = Netns::new("lb")?;
-        plug(&switch, &lb, "p-lb", LB)?;
+        plug(&front, &lb, "p-lb", LB)?;
         lb.sysctl("net.ipv4.ip_forward", "0")?;
         // veth drops frames XDP_TX sends into it unless the peer runs an XDP
         // program; a trivial XDP_PASS on the bridge port is enough.
-        let peer_pass = switch.enter(|| attach_pass("p-lb"))??;
+        let peer_pass = front.enter(|| attach_pass("p-lb"))??;
+
+        let mut switches = vec![front];
+        let (router, back) = match layout {
+            Layout::SameSegment => (None, None),
+            Layout::Routed => {
+                let back = switch()?;
+                let router = Netns::new("router")?;
+                plug_as(&switches[0], &router, "p-router", "eth0", ROUTER)?;
+                plug_as(&back, &router, "p-router", "eth1", ROUTER_B)?;
+                router.sysctl("net.ipv4.ip_forward", "1")?;
+                for dev in ["all", "default", "eth0", "eth1"] {
+                    router.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+                }
+                for ns in [&client, &lb] {
+                    ns.ip(&["route", "add", "10.99.0.0/24", "via", &ROUTER.to_string()])?;
+                }
+                (Some(router), Some(back))
+            }
+        };
 
         let mut backends = Vec::new();
         let mut servers = Vec::new();
+        let mut decaps = Vec::new();
         for (i, name) in backend_names.iter().enumerate() {
             let ns = Netns::new(name)?;
-            let address = backend_address(i);
-            plug(&switch, &ns, &format!("p-{name}"), address)?;
+            let address = match &back {
+                None => {
+                    let a = backend_address(i);
+                    plug(&switches[0], &ns, &format!("p-{name}"), a)?;
+                    a
+                }
+                Some(back) => {
+                    let a = routed_backend_address(i);
+                    plug(back, &ns, &format!("p-{name}"), a)?;
+                    ns.ip(&["route", "add", "default", "via", &ROUTER_B.to_string()])?;
+                    a
+                }
+            };
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
             // Hold the VIP without answering ARP for it or using it as an ARP
             // source: only the load balancer attracts VIP traffic.
             for dev in ["all", "eth0"] {
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
+            }
+            if layout == Layout::Routed {
+                decaps.push(DecapProcess::start(&ns)?);
             }
             servers.push(Server::start(&ns, name)?);
             backends.push(Backend {
@@ -103,14 +179,17 @@ impl L2Topology {
                 ns,
             });
         }
+        switches.extend(back);
 
-        Ok(L2Topology {
+        Ok(Topology {
             servers,
+            _decaps: decaps,
             _peer_pass: peer_pass,
             client,
             lb,
             backends,
-            _switch: switch,
+            _router: router,
+            _switches: switches,
         })
     }
 
@@ -156,12 +235,23 @@ impl L2Topology {
 /// Connects `ns` to the bridge in `switch` with a veth pair: `eth0` in `ns`
 /// with `addr/24`, `port` in the switch.
 fn plug(switch: &Netns, ns: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+    plug_as(switch, ns, port, "eth0", addr)
+}
+
+/// [`plug`] with another interface name in `ns`.
+fn plug_as(
+    switch: &Netns,
+    ns: &Netns,
+    port: &str,
+    dev: &str,
+    addr: Ipv4Addr,
+) -> anyhow::Result<()> {
     crate::netns::run(
         "ip",
         &[
             "link",
             "add",
-            "eth0",
+            dev,
             "netns",
             ns.name(),
             "type",
@@ -174,8 +264,8 @@ fn plug(switch: &Netns, ns: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Resul
         ],
     )?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;
-    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
+    ns.ip(&["link", "set", dev, "up"])?;
     Ok(())
 }
 
@@ -570,3 +660,98 @@ impl Drop for LbProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `lb decap` on a backend's `eth0`, with its own pin directory and log;
+/// killed and its pins removed on drop.
+pub struct DecapProcess {
+    child: Option<Child>,
+    netns: String,
+    pin: PathBuf,
+    log: PathBuf,
+}
+
+impl DecapProcess {
+    /// Starts `lb decap` in `ns` and waits until it has attached.
+    pub fn start(ns: &Netns) -> anyhow::Result<DecapProcess> {
+        let dir = std::env::temp_dir().join(ns.name());
+        std::fs::create_dir_all(&dir)?;
+        let mut d = DecapProcess {
+            child: None,
+            netns: ns.name().to_string(),
+            pin: PathBuf::from("/sys/fs/bpf").join(ns.name()),
+            log: dir.join("decap.log"),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts `lb decap` again (after [`kill9`](Self::kill9)).
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let before = self.log().matches(DECAP_ATTACHED).count();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg(lb_binary()?)
+            .args(["decap", "--interface", "eth0", "--pin-path"])
+            .arg(&self.pin)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file);
+        crate::netns::die_with_parent(&mut command);
+        self.child = Some(command.spawn().context("starting lb decap")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches(DECAP_ATTACHED).count() == before {
+            if Instant::now() > deadline {
+                bail!("lb decap did not attach:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `lb decap --stop` for this instance.
+    pub fn stop(&self) -> anyhow::Result<String> {
+        let out = crate::netns::run(
+            "nsenter",
+            &[
+                &format!("--net=/var/run/netns/{}", self.netns),
+                lb_binary()?.to_str().context("lb path")?,
+                "decap",
+                "--interface",
+                "eth0",
+                "--pin-path",
+                self.pin.to_str().context("pin path")?,
+                "--stop",
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for DecapProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = lb_userspace::loader::remove_pins_of(&self.pin, &lb_common::decap::map_names::ALL);
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The message `lb decap` logs once attached.
+const DECAP_ATTACHED: &str = "decap attached";

@@ -6,107 +6,20 @@
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use etherparse::PacketBuilder;
 use lb_tests::{
-    netns::{Netns, die_with_parent, run},
+    netns::{Netns, run},
     root::root_or_skip,
-    topology::lb_binary,
+    topology::DecapProcess,
 };
 
 const SENDER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 const PORT: u16 = 5353;
-
-/// `lb decap` in the backend's namespace; killed and its pins removed on drop.
-struct Decap {
-    child: Option<Child>,
-    ns: String,
-    pin: PathBuf,
-    log: PathBuf,
-}
-
-impl Decap {
-    fn start(ns: &Netns, pin: &PathBuf, log: &PathBuf) -> Decap {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let before = std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .matches("decap attached")
-            .count();
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net=/var/run/netns/{}", ns.name()))
-            .arg(lb_binary().unwrap())
-            .args(["decap", "--interface", "eth0", "--pin-path"])
-            .arg(pin)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file);
-        die_with_parent(&mut command);
-        let d = Decap {
-            child: Some(command.spawn().unwrap()),
-            ns: ns.name().into(),
-            pin: pin.clone(),
-            log: log.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while d.log().matches("decap attached").count() == before {
-            assert!(
-                Instant::now() < deadline,
-                "lb decap did not attach:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    /// `lb decap --stop`.
-    fn stop(&self) -> String {
-        let out = run(
-            "nsenter",
-            &[
-                &format!("--net=/var/run/netns/{}", self.ns),
-                lb_binary().unwrap().to_str().unwrap(),
-                "decap",
-                "--interface",
-                "eth0",
-                "--pin-path",
-                self.pin.to_str().unwrap(),
-                "--stop",
-            ],
-        )
-        .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Decap {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = lb_userspace::loader::remove_pins_of(&self.pin, &lb_common::decap::map_names::ALL);
-    }
-}
 
 /// Sends `n` UDP datagrams to VIP:PORT inside IPIP packets to the backend,
 /// from SENDER:`sport`, and counts the answers (which come back directly,
@@ -233,13 +146,7 @@ fn decap_delivers_ipip_to_a_backend_without_an_ipip_module_and_survives_restarts
         "no ipip module here"
     );
 
-    let scratch = std::env::temp_dir().join(backend.name());
-    std::fs::create_dir_all(&scratch).unwrap();
-    let (pin, log) = (
-        PathBuf::from("/sys/fs/bpf").join(backend.name()),
-        scratch.join("decap.log"),
-    );
-    let mut decap = Decap::start(&backend, &pin, &log);
+    let mut decap = DecapProcess::start(&backend).unwrap();
     assert_eq!(
         sender.enter(|| exchange(100, 41001)).unwrap(),
         100,
@@ -253,14 +160,15 @@ fn decap_delivers_ipip_to_a_backend_without_an_ipip_module_and_survives_restarts
         50,
         "still decapsulating without lb"
     );
-    let decap = Decap::start(&backend, &pin, &log);
+    decap.spawn().unwrap();
     assert!(decap.log().contains("adopted=true"), "{}", decap.log());
     assert_eq!(sender.enter(|| exchange(50, 41003)).unwrap(), 50);
 
-    // `lb decap --stop` detaches (refused while an `lb decap` holds the lock).
-    let mut decap = decap;
+    // `lb decap --stop` is refused while an `lb decap` holds the lock, then
+    // detaches.
+    assert!(decap.stop().is_err(), "refused while lb decap runs");
     decap.kill9();
-    assert!(decap.stop().contains("detached"));
+    assert!(decap.stop().unwrap().contains("detached"));
     let link = backend.ip(&["link", "show", "eth0"]).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
     assert_eq!(
@@ -271,5 +179,4 @@ fn decap_delivers_ipip_to_a_backend_without_an_ipip_module_and_survives_restarts
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     serving.join().unwrap();
-    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -78,8 +78,8 @@ fn expected(input: &[u8], src: Ipv4Addr, backend: Ipv4Addr) -> Vec<u8> {
     .unwrap();
     outer.dont_fragment = true;
     outer.identification = 0;
-    outer.dscp = etherparse::Ipv4Dscp::try_new(inner[1] >> 2).unwrap();
-    outer.ecn = etherparse::Ipv4Ecn::try_new(inner[1] & 3).unwrap();
+    outer.dscp = etherparse::IpDscp::try_new(inner[1] >> 2).unwrap();
+    outer.ecn = etherparse::IpEcn::try_new(inner[1] & 3).unwrap();
     outer.header_checksum = outer.calc_header_checksum();
     let mut p = Vec::new();
     p.extend_from_slice(&ROUTER_MAC);
