@@ -142,6 +142,10 @@ pub const BACKEND_F_RESOLVED: u32 = 1;
 /// draining) and healthy, or every backend is down and the VIP fails open.
 /// Without it the flow table's entry is ignored and the flow re-placed.
 pub const BACKEND_F_KEEP_FLOWS: u32 = 2;
+/// `ipip`: answer an IPv4 packet with Don't Fragment that would exceed the
+/// egress MTU once encapsulated with ICMP "fragmentation needed" (the VIP's
+/// `icmp_too_big`), instead of dropping it. (Bit 4 is the control plane's.)
+pub const BACKEND_F_ICMP_TOO_BIG: u32 = 8;
 
 /// Key of the `FLOWS` LRU hash: the IPv4 5-tuple as it sits in the packet
 /// (16 bytes, for the same reason as [`VipKey`]).
@@ -302,8 +306,12 @@ stats! {
     DropNoNeighbour = "drop_no_neighbour",
     /// A map lookup that cannot fail did (table index out of range).
     DropInternal = "drop_internal",
-    /// Encapsulated, the packet would exceed the egress MTU.
+    /// Encapsulated, the packet would exceed the egress MTU (and no ICMP
+    /// answer was sent: turned off, no Don't Fragment, or IP options).
     DropTooBig = "drop_too_big",
+    /// Answered with ICMP "fragmentation needed" (sent with XDP_TX, also
+    /// counted as `action_tx`).
+    IcmpTooBig = "icmp_too_big",
 }
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;

@@ -2,13 +2,15 @@
 //! and reply to the client directly (direct server return).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{BACKEND_F_RESOLVED, BackendEntry, Stat, decap::IPPROTO_IPIP};
+use lb_common::{
+    BACKEND_F_ICMP_TOO_BIG, BACKEND_F_RESOLVED, BackendEntry, Stat, decap::IPPROTO_IPIP,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
-use crate::{Verdict, packet::ptr_at};
+use crate::{Verdict, icmp, packet::ptr_at};
 
 /// `l2` mode: the backend is on a segment this host is attached to. Rewrite the
 /// destination MAC to the backend's and the source MAC to the egress
@@ -52,6 +54,20 @@ pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be_bytes((*inner).tot_len)) };
     let outer_len = inner_len as u32 + Ipv4Hdr::LEN as u32;
     if outer_len > u16::MAX as u32 || backend.mtu != 0 && outer_len > backend.mtu {
+        // SAFETY: bounds-checked by ptr_at above.
+        let (vihl, frags) = unsafe { ((*inner).vihl, u16::from_be_bytes((*inner).frags)) };
+        let dont_fragment = frags & 0x4000 != 0;
+        // The answer carries the original header whole only without options.
+        if backend.flags & BACKEND_F_ICMP_TOO_BIG != 0 && dont_fragment && vihl == 0x45 {
+            let mtu = backend
+                .mtu
+                .saturating_sub(Ipv4Hdr::LEN as u32)
+                .min(u16::MAX as u32) as u16;
+            return match icmp::frag_needed(ctx, mtu) {
+                Ok(()) => Err(Verdict::Answer(Stat::IcmpTooBig)),
+                Err(()) => Err(Verdict::Drop(Stat::DropInternal)),
+            };
+        }
         return Err(Verdict::Drop(Stat::DropTooBig));
     }
     // SAFETY: plain helper call on our own context.
@@ -93,11 +109,17 @@ pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict
 /// The IPv4 header checksum of `h` (whose `check` is zero).
 #[inline(always)]
 fn checksum(h: &Ipv4Hdr) -> u16 {
-    // SAFETY: Ipv4Hdr is 20 plain bytes, readable as 10 big-endian words.
+    // SAFETY: Ipv4Hdr is 20 plain bytes.
     let bytes: &[u8; 20] = unsafe { &*(h as *const Ipv4Hdr as *const [u8; 20]) };
+    checksum_words(bytes)
+}
+
+/// The Internet checksum (RFC 1071) of an even number of bytes.
+#[inline(always)]
+pub fn checksum_words<const N: usize>(bytes: &[u8; N]) -> u16 {
     let mut sum = 0u32;
     let mut i = 0;
-    while i < 20 {
+    while i + 1 < N {
         sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
         i += 2;
     }

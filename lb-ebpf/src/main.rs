@@ -11,6 +11,7 @@
 
 mod flows;
 mod forward;
+mod icmp;
 mod maps;
 mod packet;
 
@@ -28,6 +29,9 @@ pub enum Verdict {
     Drop(Stat),
     Tx,
     Redirect(u32),
+    /// An answer to the sender built in place (counted under the reason),
+    /// sent back with XDP_TX.
+    Answer(Stat),
 }
 
 #[xdp]
@@ -52,6 +56,11 @@ pub fn lb(ctx: XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
         Verdict::Tx => {
+            bump(stats, Stat::ActionTx);
+            xdp_action::XDP_TX
+        }
+        Verdict::Answer(reason) => {
+            bump(stats, reason);
             bump(stats, Stat::ActionTx);
             xdp_action::XDP_TX
         }

@@ -180,6 +180,7 @@ struct RawVip {
     protocol: Protocol,
     forwarding: Forwarding,
     encap_source: Option<String>,
+    icmp_too_big: Option<bool>,
     #[serde(default)]
     health_check: RawHealthCheck,
     #[serde(default)]
@@ -341,6 +342,9 @@ pub struct Vip {
     /// `ipip`: outer source address; `None` takes the route's preferred
     /// source (one of the host's addresses).
     pub encap_source: Option<Ipv4Addr>,
+    /// `ipip`: answer packets too big once encapsulated with ICMP
+    /// "fragmentation needed" (path MTU discovery) rather than drop them.
+    pub icmp_too_big: bool,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
     pub backends: Vec<Backend>,
@@ -587,6 +591,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             }
             (Some(text), Forwarding::Ipip) => parse_v4(&mut p, &format!("{at}.encap_source"), text),
         };
+        if v.icmp_too_big.is_some() && v.forwarding == Forwarding::L2 {
+            p.add(
+                format!("{at}.icmp_too_big"),
+                "only applies to forwarding: ipip",
+            );
+        }
         if let (Some(address), Some(port), Some(health_check)) = (address, port, health_check) {
             vips.push(Vip {
                 name: v.name,
@@ -595,6 +605,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 protocol: v.protocol,
                 forwarding: v.forwarding,
                 encap_source,
+                icmp_too_big: v.icmp_too_big.unwrap_or(true),
                 health_check,
                 on_all_down: v.on_all_down,
                 backends,
@@ -944,6 +955,19 @@ vips:
             e.contains("vips[0].encap_source") && e.contains("only applies to forwarding: ipip"),
             "{e}"
         );
+        let e = error_with("forwarding: l2", "forwarding: l2\n    icmp_too_big: false");
+        assert!(
+            e.contains("vips[0].icmp_too_big") && e.contains("only applies to forwarding: ipip"),
+            "{e}"
+        );
+        let ipip_default = GOOD.replacen("forwarding: l2", "forwarding: ipip", 1);
+        assert!(parse(&ipip_default).expect("valid").vips[0].icmp_too_big);
+        let ipip_off = GOOD.replacen(
+            "forwarding: l2",
+            "forwarding: ipip\n    icmp_too_big: false",
+            1,
+        );
+        assert!(!parse(&ipip_off).expect("valid").vips[0].icmp_too_big);
         let e = error_with(
             "forwarding: l2",
             "forwarding: ipip\n    encap_source: nowhere",

@@ -240,6 +240,12 @@ fn register_status(r: &Registry, s: &Status) {
         "Flow-table results for VIP packets.",
         &["result"],
     );
+    let icmp = counter(
+        r,
+        "lb_icmp_replies_total",
+        "ICMP errors the XDP program sent back to clients, by kind.",
+        &["kind"],
+    );
     for (name, &value) in &s.counters {
         if let Some(action) = name.strip_prefix("action_") {
             actions.with_label_values(&[action]).inc_by(value);
@@ -249,6 +255,8 @@ fn register_status(r: &Registry, s: &Status) {
             passes.with_label_values(&[reason]).inc_by(value);
         } else if let Some(result) = name.strip_prefix("flow_") {
             lookups.with_label_values(&[result]).inc_by(value);
+        } else if let Some(kind) = name.strip_prefix("icmp_") {
+            icmp.with_label_values(&[kind]).inc_by(value);
         }
     }
 
@@ -287,6 +295,7 @@ mod tests {
                 ("drop_no_backend".into(), 2),
                 ("pass_not_vip".into(), 3),
                 ("flow_hit".into(), 5),
+                ("icmp_too_big".into(), 4),
             ]),
             vips: vec![VipStatus {
                 name: "web".into(),
@@ -335,6 +344,7 @@ mod tests {
             r#"lb_drops_total{reason="no_backend"} 2"#,
             r#"lb_passes_total{reason="not_vip"} 3"#,
             r#"lb_flow_table_lookups_total{result="hit"} 5"#,
+            r#"lb_icmp_replies_total{kind="too_big"} 4"#,
             r#"lb_xdp_attached{interface="eth0",mode="native"} 1"#,
             r#"lb_build_info{version="0.1.0"} 1"#,
             "lb_config_last_reload_successful 1",

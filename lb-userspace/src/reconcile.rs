@@ -14,8 +14,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_IPIP, FORWARD_L2, GlobalConfig,
-    TABLE_HALVES, Traffic, VipEntry, VipKey,
+    BACKEND_F_ICMP_TOO_BIG, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_IPIP,
+    FORWARD_L2, GlobalConfig, TABLE_HALVES, Traffic, VipEntry, VipKey,
 };
 
 use crate::{
@@ -506,6 +506,9 @@ impl<D: Dataplane> Reconciler<D> {
                 if vip.forwarding == Forwarding::L2 || src.is_some() {
                     entry.flags |= BACKEND_F_RESOLVED;
                 }
+                if vip.icmp_too_big {
+                    entry.flags |= BACKEND_F_ICMP_TOO_BIG;
+                }
             }
             if plan.keep_flows.contains(&b.address) {
                 entry.flags |= BACKEND_F_KEEP_FLOWS;
@@ -794,7 +797,7 @@ mod tests {
         );
         assert_eq!(
             e.flags,
-            BACKEND_F_RESOLVED | BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY
+            BACKEND_F_RESOLVED | BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY | BACKEND_F_ICMP_TOO_BIG
         );
         assert_eq!(e.vip_id, 0);
         assert_ne!(e.generation, 0);

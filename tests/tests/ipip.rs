@@ -175,11 +175,11 @@ fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
 }
 
 #[test]
-fn a_packet_too_big_once_encapsulated_is_a_counted_drop() {
+fn a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed() {
     // MTU 100: a SYN (40 bytes of IP, 60 encapsulated) fits; 100 bytes of
-    // UDP payload (128 bytes of IP) do not.
+    // UDP payload (128 bytes of IP, Don't Fragment set) do not.
     let Some(mut h) = harness(
-        "a_packet_too_big_once_encapsulated_is_a_counted_drop",
+        "a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed",
         Some(LB),
         &routed(100),
     ) else {
@@ -190,12 +190,79 @@ fn a_packet_too_big_once_encapsulated_is_a_counted_drop() {
         XDP_TX
     );
     let big = udp(CLIENT, 43001, VIP, 53, &[0u8; 100]);
+    assert_ne!(big[14 + 6] & 0x40, 0, "Don't Fragment set");
     let out = h.run(&big).unwrap();
+    assert_eq!(out.action, XDP_TX, "sent back to the client");
     assert_eq!(
-        (out.action, &out.packet),
-        (XDP_DROP, &big),
-        "dropped unmodified"
+        out.packet,
+        frag_needed(&big, 80),
+        "ICMP 3/4 carrying MTU 100 - 20"
     );
     let c = h.counters().unwrap();
-    assert_eq!((c.stat(Stat::DropTooBig), c.stat(Stat::ActionTx)), (1, 1));
+    assert_eq!(
+        (
+            c.stat(Stat::IcmpTooBig),
+            c.stat(Stat::ActionTx),
+            c.stat(Stat::DropTooBig)
+        ),
+        (1, 2, 0)
+    );
+}
+
+/// ICMP "fragmentation needed" for `packet`, built independently.
+fn frag_needed(packet: &[u8], mtu: u16) -> Vec<u8> {
+    let quoted = &packet[14..14 + 28];
+    let icmp = etherparse::Icmpv4Header::with_checksum(
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ),
+        quoted,
+    );
+    let mut ip = Ipv4Header::new(
+        (icmp.header_len() + quoted.len()) as u16,
+        64,
+        IpNumber::ICMP,
+        VIP.octets(),
+        CLIENT.octets(),
+    )
+    .unwrap();
+    ip.dont_fragment = false;
+    ip.identification = 0;
+    ip.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut p = Vec::new();
+    p.extend_from_slice(&packet[6..12]);
+    p.extend_from_slice(&packet[..6]);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&ip.to_bytes());
+    p.extend_from_slice(&icmp.to_bytes());
+    p.extend_from_slice(quoted);
+    p
+}
+
+#[test]
+fn too_big_without_df_or_with_icmp_off_is_a_counted_drop() {
+    if !root_or_skip("too_big_without_df_or_with_icmp_off_is_a_counted_drop") {
+        return;
+    }
+    let mut no_df = udp(CLIENT, 44000, VIP, 53, &[0u8; 100]);
+    no_df[14 + 6] &= !0x40;
+    let off = config(Some(LB)).replace(
+        "    encap_source:",
+        "    icmp_too_big: false\n    encap_source:",
+    );
+    for (text, packet) in [
+        (config(Some(LB)), no_df),
+        (off, udp(CLIENT, 44001, VIP, 53, &[0u8; 100])),
+    ] {
+        let mut h = Harness::new(&text, &routed(100)).unwrap();
+        let out = h.run(&packet).unwrap();
+        assert_eq!(
+            (out.action, &out.packet),
+            (XDP_DROP, &packet),
+            "dropped unmodified"
+        );
+        let c = h.counters().unwrap();
+        assert_eq!((c.stat(Stat::DropTooBig), c.stat(Stat::IcmpTooBig)), (1, 0));
+    }
 }

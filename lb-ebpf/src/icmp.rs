@@ -1,0 +1,88 @@
+//! ICMP "fragmentation needed" for IPv4 packets that would exceed the egress
+//! MTU once encapsulated: the client's kernel lowers its path MTU for the VIP
+//! and sends smaller packets (path MTU discovery through the tunnel).
+
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{forward::checksum_words, packet::ptr_at};
+
+/// Ethernet, IPv4 and ICMP headers of the answer.
+const HEADERS: usize = EthHdr::LEN + Ipv4Hdr::LEN + 8;
+/// The whole answer: headers, the original IPv4 header (no options) and the
+/// first 8 bytes after it, as RFC 792 asks.
+const ANSWER: usize = HEADERS + Ipv4Hdr::LEN + 8;
+
+/// Turns the packet (Ethernet + IPv4 without options) into an ICMP
+/// "fragmentation needed" answer to its sender carrying `mtu`, ready for
+/// XDP_TX. Err when the packet cannot be reshaped (nothing is sent then).
+#[inline(always)]
+pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
+    let eth = *unsafe_ref::<EthHdr>(ctx, 0)?;
+    let ip = *unsafe_ref::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    // Room for the new IPv4 and ICMP headers in front of the original IPv4
+    // header, which (with its next 8 bytes) becomes the ICMP payload where it
+    // already is.
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((Ipv4Hdr::LEN + 8) as i32)) } != 0 {
+        return Err(());
+    }
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, ANSWER as i32 - len) } != 0 {
+        return Err(());
+    }
+    let p: *mut [u8; ANSWER] = ptr_at(ctx, 0).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at after both adjustments.
+    let p = unsafe { &mut *p };
+    let mut reply = Ipv4Hdr {
+        vihl: 0x45,
+        // Internetwork control, as the kernel marks its own ICMP errors.
+        tos: 0xc0,
+        tot_len: ((ANSWER - EthHdr::LEN) as u16).to_be_bytes(),
+        id: [0, 0],
+        frags: [0, 0],
+        ttl: 64,
+        proto: 1,
+        check: [0, 0],
+        src_addr: ip.dst_addr,
+        dst_addr: ip.src_addr,
+    };
+    // SAFETY: Ipv4Hdr is 20 plain bytes.
+    let reply_bytes: [u8; 20] = unsafe { core::mem::transmute(reply) };
+    reply.check = checksum_words(&reply_bytes).to_be_bytes();
+    let back = EthHdr {
+        dst_addr: eth.src_addr,
+        src_addr: eth.dst_addr,
+        ether_type: EtherType::Ipv4 as u16,
+    };
+    // SAFETY: both plain byte structs of the sizes written.
+    unsafe {
+        *(p.as_mut_ptr() as *mut EthHdr) = back;
+        *(p.as_mut_ptr().add(EthHdr::LEN) as *mut Ipv4Hdr) = reply;
+    }
+    let icmp = EthHdr::LEN + Ipv4Hdr::LEN;
+    p[icmp..icmp + 8].copy_from_slice(&[3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8]);
+    let mut payload = [0u8; ANSWER - EthHdr::LEN - Ipv4Hdr::LEN];
+    payload.copy_from_slice(&p[icmp..]);
+    let sum = checksum_words(&payload).to_be_bytes();
+    p[icmp + 2] = sum[0];
+    p[icmp + 3] = sum[1];
+    Ok(())
+}
+
+/// A reference to a `T` at `offset`, bounds-checked.
+#[inline(always)]
+fn unsafe_ref<T>(ctx: &XdpContext, offset: usize) -> Result<&T, ()> {
+    let p: *const T = ptr_at(ctx, offset).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at; valid until the packet changes.
+    Ok(unsafe { &*p })
+}
+
+const _: () = assert!(HEADERS == 42 && ANSWER == 70);
