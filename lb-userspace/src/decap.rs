@@ -1,4 +1,4 @@
-//! `lb decap`: the backend side of IPIP forwarding. Attaches the decap program
+//! `lb decap`: the backend side of `ipip` forwarding. Attaches the decap program
 //! (lb-ebpf/src/bin/decap.rs) to an interface, keeps its set of local
 //! addresses current, and pins program state like `lb run` does: it keeps
 //! working after `lb decap` exits, a new `lb decap` adopts it, and
@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -18,7 +18,7 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use futures::TryStreamExt as _;
-use lb_common::decap::{DECAP_PROGRAM, DecapStat, DecapStats, map_names};
+use lb_common::decap::{DECAP_PROGRAM, DecapStat, DecapStats, addr_key, map_names};
 use netlink_packet_route::address::AddressAttribute;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -63,7 +63,7 @@ pub async fn run(o: Options, ifindex: u32) -> anyhow::Result<()> {
         .try_into()?;
     prog.load()?;
 
-    let mut addrs: HashMap<MapData, u32, u8> = HashMap::try_from(
+    let mut addrs: HashMap<MapData, [u8; 16], u8> = HashMap::try_from(
         ebpf.take_map(map_names::DECAP_ADDRS)
             .context("DECAP_ADDRS missing")?,
     )?;
@@ -113,29 +113,28 @@ pub async fn run(o: Options, ifindex: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes `DECAP_ADDRS` hold exactly this host's IPv4 addresses; returns them.
+/// Makes `DECAP_ADDRS` hold exactly this host's addresses (both families);
+/// returns them.
 async fn sync_addresses(
     handle: &rtnetlink::Handle,
-    map: &mut HashMap<MapData, u32, u8>,
-    previous: &BTreeSet<Ipv4Addr>,
-) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+    map: &mut HashMap<MapData, [u8; 16], u8>,
+    previous: &BTreeSet<IpAddr>,
+) -> anyhow::Result<BTreeSet<IpAddr>> {
     let mut now = BTreeSet::new();
     let mut dump = handle.address().get().execute();
     while let Some(msg) = dump.try_next().await? {
         for attr in msg.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(a))
-            | AddressAttribute::Address(IpAddr::V4(a)) = attr
-            {
+            if let AddressAttribute::Local(a) | AddressAttribute::Address(a) = attr {
                 now.insert(a);
             }
         }
     }
     for a in now.difference(previous) {
-        map.insert(u32::from_ne_bytes(a.octets()), 1, 0)?;
+        map.insert(addr_key(*a), 1, 0)?;
     }
     for a in previous.difference(&now) {
         // Already gone is fine.
-        let _ = map.remove(&u32::from_ne_bytes(a.octets()));
+        let _ = map.remove(&addr_key(*a));
     }
     Ok(now)
 }
