@@ -1,5 +1,6 @@
-//! Forwarding modes. The IP packet is never modified: backends hold the VIP
-//! and reply to the client directly (direct server return).
+//! Forwarding modes. The client's IP packet reaches the backend unmodified
+//! (`l2`: new MACs; `ipip`: an outer header in front), and backends hold the
+//! VIP and reply to the client directly (direct server return).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
@@ -52,23 +53,30 @@ pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict
         ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::Drop(Stat::DropTruncatedIp))?;
     // SAFETY: bounds-checked by ptr_at.
     let (tos, inner_len) = unsafe { ((*inner).tos, u16::from_be_bytes((*inner).tot_len)) };
+    // The outer length and the too-big decision come from the total length,
+    // so it must be the packet's real length: a forged one would make a
+    // malformed outer header, or an ICMP answer to a packet that is not big.
+    let frame_ip_len = ctx.data_end() - ctx.data() - EthHdr::LEN;
+    if (inner_len as usize) < Ipv4Hdr::LEN {
+        return Err(Verdict::Drop(Stat::DropBadIpHeader));
+    }
+    if inner_len as usize > frame_ip_len {
+        return Err(Verdict::Drop(Stat::DropTruncatedIp));
+    }
     let outer_len = inner_len as u32 + Ipv4Hdr::LEN as u32;
     if outer_len > u16::MAX as u32 || backend.mtu != 0 && outer_len > backend.mtu {
-        // SAFETY: bounds-checked by ptr_at above.
-        let (vihl, frags) = unsafe { ((*inner).vihl, u16::from_be_bytes((*inner).frags)) };
-        let dont_fragment = frags & 0x4000 != 0;
-        // The answer carries the original header whole only without options.
-        if backend.flags & BACKEND_F_ICMP_TOO_BIG != 0 && dont_fragment && vihl == 0x45 {
-            let mtu = backend
-                .mtu
-                .saturating_sub(Ipv4Hdr::LEN as u32)
-                .min(u16::MAX as u32) as u16;
-            return match icmp::frag_needed(ctx, mtu) {
-                Ok(()) => Err(Verdict::Answer(Stat::IcmpTooBig)),
-                Err(()) => Err(Verdict::Drop(Stat::DropInternal)),
-            };
+        // With no known MTU there is no size to tell the client.
+        if backend.flags & BACKEND_F_ICMP_TOO_BIG == 0 || backend.mtu == 0 {
+            return Err(Verdict::Drop(Stat::DropTooBig));
         }
-        return Err(Verdict::Drop(Stat::DropTooBig));
+        let mtu = backend
+            .mtu
+            .saturating_sub(Ipv4Hdr::LEN as u32)
+            .min(u16::MAX as u32) as u16;
+        return match icmp::frag_needed(ctx, mtu) {
+            Ok(()) => Err(Verdict::Answer(Stat::IcmpTooBig)),
+            Err(reason) => Err(Verdict::Drop(reason)),
+        };
     }
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
@@ -117,6 +125,7 @@ fn checksum(h: &Ipv4Hdr) -> u16 {
 /// The Internet checksum (RFC 1071) of an even number of bytes.
 #[inline(always)]
 pub fn checksum_words<const N: usize>(bytes: &[u8; N]) -> u16 {
+    const { assert!(N % 2 == 0) };
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < N {

@@ -6,6 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
+use lb_common::Stat;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -13,32 +14,40 @@ use network_types::{
 
 use crate::{forward::checksum_words, packet::ptr_at};
 
-/// Ethernet, IPv4 and ICMP headers of the answer.
-const HEADERS: usize = EthHdr::LEN + Ipv4Hdr::LEN + 8;
-/// The whole answer: headers, the original IPv4 header (no options) and the
-/// first 8 bytes after it, as RFC 792 asks.
-const ANSWER: usize = HEADERS + Ipv4Hdr::LEN + 8;
+/// The whole answer: Ethernet, IPv4 and ICMP headers, then the original IPv4
+/// header (no options) and the first 8 bytes after it, as RFC 792 asks.
+const ANSWER: usize = EthHdr::LEN + Ipv4Hdr::LEN + 8 + Ipv4Hdr::LEN + 8;
 
-/// Turns the packet (Ethernet + IPv4 without options) into an ICMP
-/// "fragmentation needed" answer to its sender carrying `mtu`, ready for
-/// XDP_TX. Err when the packet cannot be reshaped (nothing is sent then).
+/// Turns the packet (Ethernet + IPv4 without options, Don't Fragment set)
+/// into an ICMP "fragmentation needed" answer to its sender carrying `mtu`,
+/// ready for XDP_TX. Refuses (`drop_too_big`, packet untouched) what RFC 1122
+/// 3.2.2 forbids answering or what the answer could not quote whole;
+/// `drop_internal` if the packet cannot be reshaped.
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
-    let eth = *unsafe_ref::<EthHdr>(ctx, 0)?;
-    let ip = *unsafe_ref::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), Stat> {
+    let eth: EthHdr = read_at(ctx, 0).ok_or(Stat::DropTooBig)?;
+    let ip: Ipv4Hdr = read_at(ctx, EthHdr::LEN).ok_or(Stat::DropTooBig)?;
+    let dont_fragment = u16::from_be_bytes(ip.frags) & 0x4000 != 0;
+    // Never to 0/8, 127/8, multicast or class E (broadcast included), never
+    // for a frame sent to a group MAC: no ICMP storms, no reflection.
+    let unicast_sender = !matches!(ip.src_addr[0], 0 | 127 | 224..=255);
+    let unicast_frame = eth.dst_addr[0] & 1 == 0;
+    if !dont_fragment || ip.vihl != 0x45 || !unicast_sender || !unicast_frame {
+        return Err(Stat::DropTooBig);
+    }
     // Room for the new IPv4 and ICMP headers in front of the original IPv4
     // header, which (with its next 8 bytes) becomes the ICMP payload where it
     // already is.
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((Ipv4Hdr::LEN + 8) as i32)) } != 0 {
-        return Err(());
+        return Err(Stat::DropInternal);
     }
     let len = (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, ANSWER as i32 - len) } != 0 {
-        return Err(());
+        return Err(Stat::DropInternal);
     }
-    let p: *mut [u8; ANSWER] = ptr_at(ctx, 0).ok_or(())?;
+    let p: *mut [u8; ANSWER] = ptr_at(ctx, 0).ok_or(Stat::DropInternal)?;
     // SAFETY: bounds-checked by ptr_at after both adjustments.
     let p = unsafe { &mut *p };
     let mut reply = Ipv4Hdr {
@@ -46,8 +55,9 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
         // Internetwork control, as the kernel marks its own ICMP errors.
         tos: 0xc0,
         tot_len: ((ANSWER - EthHdr::LEN) as u16).to_be_bytes(),
+        // Don't Fragment: an atomic datagram, so ID 0 (RFC 6864).
         id: [0, 0],
-        frags: [0, 0],
+        frags: [0x40, 0],
         ttl: 64,
         proto: 1,
         check: [0, 0],
@@ -77,12 +87,13 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), ()> {
     Ok(())
 }
 
-/// A reference to a `T` at `offset`, bounds-checked.
+/// A copy of the `T` at `offset`, bounds-checked (a copy, because the
+/// helpers that move the packet's head and tail invalidate references).
 #[inline(always)]
-fn unsafe_ref<T>(ctx: &XdpContext, offset: usize) -> Result<&T, ()> {
-    let p: *const T = ptr_at(ctx, offset).ok_or(())?;
-    // SAFETY: bounds-checked by ptr_at; valid until the packet changes.
-    Ok(unsafe { &*p })
+fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let p: *const T = ptr_at(ctx, offset)?;
+    // SAFETY: bounds-checked by ptr_at.
+    Some(unsafe { *p })
 }
 
-const _: () = assert!(HEADERS == 42 && ANSWER == 70);
+const _: () = assert!(ANSWER == 70);

@@ -1,11 +1,14 @@
 //! The load balancer's XDP program: parse, skip what is surely not for a VIP,
 //! keep established flows on their backend through the flow table, place new
-//! flows with the VIP's Maglev table, rewrite the Ethernet header and send the
-//! frame on (direct server return: the IP packet is not touched, the backend
-//! holds the VIP and answers the client itself).
+//! flows with the VIP's Maglev table, rewrite the Ethernet header (and for
+//! `ipip` add an outer IPv4 header) and send the frame on (direct server
+//! return: the client's packet is not touched, the backend holds the VIP and
+//! answers the client itself).
 //!
 //! Every packet moves exactly one verdict counter: its pass or drop reason, or
 //! its action when forwarded (userspace sums reasons into action totals).
+//! Side counters come on top: `flow_*` for flow-table lookups, and `icmp_*`
+//! for an ICMP answer sent back (its action is `tx`).
 #![no_std]
 #![no_main]
 

@@ -50,9 +50,25 @@ pub async fn run(o: Options, ifindex: u32) -> anyhow::Result<()> {
     let _lock = loader::lock(&o.pin_path)?;
     let maps = o.pin_path.join("maps");
     std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+    // Pinned maps are reused as they are (the kernel does not check them
+    // against the program), so one left by another build must fit.
+    let layouts = [
+        (
+            map_names::DECAP_ADDRS,
+            size_of::<[u8; 16]>(),
+            size_of::<u8>(),
+        ),
+        (
+            map_names::DECAP_STATS,
+            size_of::<u32>(),
+            size_of::<DecapStats>(),
+        ),
+    ];
     let mut loader = EbpfLoader::new();
-    for map in map_names::ALL {
-        loader.map_pin_path(map, loader::map_pin(&o.pin_path, map));
+    for (map, key, value) in layouts {
+        let pin = loader::map_pin(&o.pin_path, map);
+        loader::check_pinned_sizes(&pin, key, value, 0)?;
+        loader.map_pin_path(map, pin);
     }
     let mut ebpf = loader
         .load(DECAP_OBJECT)

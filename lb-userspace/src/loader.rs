@@ -51,7 +51,7 @@ pub enum LoadError {
     MissingProgram,
     #[error(
         "pinned map {path} has {what} {found}, this config/build needs {wanted}; \
-         remove the old state with `lb stop` first"
+         remove the old state first (`lb stop`, or `lb decap --stop` for decap's)"
     )]
     PinMismatch {
         path: PathBuf,
@@ -204,6 +204,26 @@ pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     program(&mut ebpf)?.load()?;
     Ok(ebpf)
+}
+
+/// Refuses the map pinned at `path`, if any, unless its key and value sizes
+/// and flags are the given ones (for maps outside [`Sizes`]' layouts).
+pub fn check_pinned_sizes(
+    path: &Path,
+    key: usize,
+    value: usize,
+    flags: u32,
+) -> Result<(), LoadError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let want = Layout {
+        key: key as u32,
+        value: value as u32,
+        entries: None,
+        flags,
+    };
+    check_pinned(path, want)
 }
 
 fn check_pinned(path: &Path, want: Layout) -> Result<(), LoadError> {

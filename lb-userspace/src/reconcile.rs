@@ -506,7 +506,7 @@ impl<D: Dataplane> Reconciler<D> {
                 if vip.forwarding == Forwarding::L2 || src.is_some() {
                     entry.flags |= BACKEND_F_RESOLVED;
                 }
-                if vip.icmp_too_big {
+                if vip.forwarding == Forwarding::Ipip && vip.icmp_too_big {
                     entry.flags |= BACKEND_F_ICMP_TOO_BIG;
                 }
             }
@@ -797,7 +797,8 @@ mod tests {
         );
         assert_eq!(
             e.flags,
-            BACKEND_F_RESOLVED | BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY | BACKEND_F_ICMP_TOO_BIG
+            BACKEND_F_RESOLVED | BACKEND_F_KEEP_FLOWS | BACKEND_F_HEALTHY,
+            "an l2 backend never answers with ICMP"
         );
         assert_eq!(e.vip_id, 0);
         assert_ne!(e.generation, 0);

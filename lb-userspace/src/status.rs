@@ -22,7 +22,8 @@ pub struct Status {
     pub xdp_mode: String,
     pub attached: bool,
     pub ready: bool,
-    /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`).
+    /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
+    /// `icmp_*`).
     pub counters: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
 }

@@ -13,7 +13,7 @@ use etherparse::PacketBuilder;
 use lb_tests::{
     netns::{Netns, run},
     root::root_or_skip,
-    topology::DecapProcess,
+    topology::{DecapProcess, lb_binary},
 };
 use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto};
 
@@ -217,4 +217,84 @@ fn decap_delivers_every_tunnel_to_a_backend_without_tunnel_modules_and_survives_
     for s in serving {
         s.join().unwrap();
     }
+}
+
+/// A pinned map left by another build (here the IPv4-only key of an older
+/// `lb decap`) is refused with a clear error, never reused as if it fitted.
+#[test]
+fn decap_refuses_a_pinned_map_of_another_layout() {
+    if !root_or_skip("decap_refuses_a_pinned_map_of_another_layout") {
+        return;
+    }
+    let ns = Netns::new("pin").unwrap();
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(ns.name());
+    let _cleanup = RemoveOnDrop(pin.clone());
+    std::fs::create_dir_all(pin.join("maps")).unwrap();
+    pin_hash_map(&pin.join("maps").join("DECAP_ADDRS"), 4, 1);
+
+    let lb = lb_binary().unwrap();
+    // Bounded: were the map accepted, `lb decap` would run until killed.
+    // nsenter, not `ip netns exec`: the latter mounts its own /sys, hiding
+    // the pinned map.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name()))
+        .args(["timeout", "10"])
+        .arg(&lb)
+        .args(["decap", "--interface", "lo", "--pin-path"])
+        .arg(&pin)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "exited, not timed out: {stderr}"
+    );
+    assert!(
+        stderr.contains("DECAP_ADDRS")
+            && stderr.contains("key size 4")
+            && stderr.contains("needs 16"),
+        "{stderr}"
+    );
+    let link = ns.ip(&["link", "show", "lo"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "nothing attached"
+    );
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a BPF hash map with these sizes and pins it at `path` (raw
+/// bpf(2): aya creates maps only from an object file).
+fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    // bpf_attr for BPF_MAP_CREATE: type, key size, value size, max entries.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, 16]);
+    let size = std::mem::size_of_val(&attr);
+    // SAFETY: a zeroed bpf_attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), size) };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let _fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // bpf_attr for BPF_OBJ_PIN: pathname (u64), bpf_fd (u32).
+    let mut attr = [0u32; 32];
+    let ptr = path.as_ptr() as u64;
+    attr[0] = ptr as u32;
+    attr[1] = (ptr >> 32) as u32;
+    attr[2] = fd as u32;
+    // SAFETY: as above; `path` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), size) };
+    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
 }

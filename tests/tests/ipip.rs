@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use etherparse::{IpNumber, Ipv4Header};
 use lb_common::Stat;
 use lb_tests::{
-    packet::{Harness, LB_MAC, tcp_syn, udp},
+    packet::{Harness, LB_MAC, tcp_syn, tcp_syn_with_ip_options, udp},
     root::root_or_skip,
 };
 use lb_userspace::reconcile::{Neighbour, Neighbours};
@@ -226,7 +226,7 @@ fn frag_needed(packet: &[u8], mtu: u16) -> Vec<u8> {
         CLIENT.octets(),
     )
     .unwrap();
-    ip.dont_fragment = false;
+    ip.dont_fragment = true;
     ip.identification = 0;
     ip.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
     ip.header_checksum = ip.calc_header_checksum();
@@ -241,28 +241,71 @@ fn frag_needed(packet: &[u8], mtu: u16) -> Vec<u8> {
 }
 
 #[test]
-fn too_big_without_df_or_with_icmp_off_is_a_counted_drop() {
-    if !root_or_skip("too_big_without_df_or_with_icmp_off_is_a_counted_drop") {
+fn too_big_packets_icmp_may_not_answer_are_a_counted_drop() {
+    if !root_or_skip("too_big_packets_icmp_may_not_answer_are_a_counted_drop") {
         return;
     }
-    let mut no_df = udp(CLIENT, 44000, VIP, 53, &[0u8; 100]);
+    let big = |src: Ipv4Addr| udp(src, 44000, VIP, 53, &[0u8; 100]);
+    let mut no_df = big(CLIENT);
     no_df[14 + 6] &= !0x40;
+    let mut group_mac = big(CLIENT);
+    group_mac[0] |= 1;
+    // 48 bytes of IP (8 of options), 68 encapsulated: too big for MTU 60.
+    let options = tcp_syn_with_ip_options(CLIENT, 44001, VIP, 80);
+    assert_ne!(options[14 + 6] & 0x40, 0, "Don't Fragment set");
     let off = config(Some(LB)).replace(
         "    encap_source:",
         "    icmp_too_big: false\n    encap_source:",
     );
-    for (text, packet) in [
-        (config(Some(LB)), no_df),
-        (off, udp(CLIENT, 44001, VIP, 53, &[0u8; 100])),
-    ] {
-        let mut h = Harness::new(&text, &routed(100)).unwrap();
+    let on = config(Some(LB));
+    let cases = [
+        ("no Don't Fragment", &on, 100, no_df),
+        ("icmp_too_big: false", &off, 100, big(CLIENT)),
+        ("IP options", &on, 60, options),
+        ("from 127/8", &on, 100, big(Ipv4Addr::new(127, 0, 0, 9))),
+        ("from 0/8", &on, 100, big(Ipv4Addr::new(0, 1, 2, 3))),
+        ("from multicast", &on, 100, big(Ipv4Addr::new(224, 0, 0, 9))),
+        ("from broadcast", &on, 100, big(Ipv4Addr::BROADCAST)),
+        ("to a group MAC", &on, 100, group_mac),
+    ];
+    for (what, text, mtu, packet) in cases {
+        let mut h = Harness::new(text, &routed(mtu)).unwrap();
         let out = h.run(&packet).unwrap();
         assert_eq!(
             (out.action, &out.packet),
             (XDP_DROP, &packet),
-            "dropped unmodified"
+            "{what}: dropped unmodified"
         );
         let c = h.counters().unwrap();
-        assert_eq!((c.stat(Stat::DropTooBig), c.stat(Stat::IcmpTooBig)), (1, 0));
+        assert_eq!(
+            (c.stat(Stat::DropTooBig), c.stat(Stat::IcmpTooBig)),
+            (1, 0),
+            "{what}"
+        );
     }
+}
+
+#[test]
+fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
+    let Some(mut h) = harness(
+        "a_total_length_that_is_not_the_packets_is_a_counted_drop",
+        Some(LB),
+        &routed(100),
+    ) else {
+        return;
+    };
+    // 33 bytes of IP claiming 2000 (would be "too big"), or less than a header.
+    for (claimed, reason) in [
+        (2000u16, Stat::DropTruncatedIp),
+        (19, Stat::DropBadIpHeader),
+    ] {
+        let mut packet = udp(CLIENT, 45000, VIP, 53, b"hello");
+        packet[14 + 2..14 + 4].copy_from_slice(&claimed.to_be_bytes());
+        let out = h.run(&packet).unwrap();
+        assert_eq!((out.action, &out.packet), (XDP_DROP, &packet), "{claimed}");
+        let c = h.counters().unwrap();
+        assert_eq!(c.stat(reason), 1, "{claimed}: {}", reason.name());
+    }
+    let c = h.counters().unwrap();
+    assert_eq!((c.stat(Stat::IcmpTooBig), c.stat(Stat::DropTooBig)), (0, 0));
 }
