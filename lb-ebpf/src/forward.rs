@@ -116,7 +116,7 @@ pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict
 
 /// The IPv4 header checksum of `h` (whose `check` is zero).
 #[inline(always)]
-fn checksum(h: &Ipv4Hdr) -> u16 {
+pub fn checksum(h: &Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 plain bytes.
     let bytes: &[u8; 20] = unsafe { &*(h as *const Ipv4Hdr as *const [u8; 20]) };
     checksum_words(bytes)

@@ -12,7 +12,10 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::{forward::checksum_words, packet::ptr_at};
+use crate::{
+    forward::{checksum, checksum_words},
+    packet::ptr_at,
+};
 
 /// The whole answer: Ethernet, IPv4 and ICMP headers, then the original IPv4
 /// header (no options) and the first 8 bytes after it, as RFC 792 asks.
@@ -64,9 +67,7 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), Stat> {
         src_addr: ip.dst_addr,
         dst_addr: ip.src_addr,
     };
-    // SAFETY: Ipv4Hdr is 20 plain bytes.
-    let reply_bytes: [u8; 20] = unsafe { core::mem::transmute(reply) };
-    reply.check = checksum_words(&reply_bytes).to_be_bytes();
+    reply.check = checksum(&reply).to_be_bytes();
     let back = EthHdr {
         dst_addr: eth.src_addr,
         src_addr: eth.dst_addr,
