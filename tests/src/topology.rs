@@ -220,6 +220,43 @@ impl Topology {
             .collect()
     }
 
+    /// Makes `flows` TCP connections and `flows` UDP exchanges from the
+    /// client to the VIP and asserts that every one succeeds, that each
+    /// protocol's shares are within 15% of `weights`, and that the servers
+    /// answered exactly those (nothing twice).
+    pub fn assert_spread_by_weight(&self, lb: &LbProcess, weights: &[(&str, u32)], flows: usize) {
+        use crate::traffic::{tcp_connections, udp_exchanges};
+        let tcp = self
+            .client
+            .enter(move || tcp_connections(SocketAddr::from((VIP, TCP_PORT)), flows))
+            .unwrap();
+        let udp = self
+            .client
+            .enter(move || udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), flows))
+            .unwrap();
+        println!("tcp: {tcp:?}\nudp: {udp:?}");
+        for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
+            assert_eq!(tally.attempts(), flows);
+            assert_eq!(
+                tally.failures,
+                0,
+                "{what}: every exchange succeeds; lb log:\n{}",
+                lb.log()
+            );
+            let off = tally.off_weight(weights, 0.15);
+            assert!(
+                off.is_empty(),
+                "{what}: shares off weight by > 15%: {off:?}"
+            );
+        }
+        let served: usize = self.served().iter().map(|s| s.1 + s.2).sum();
+        assert_eq!(
+            served,
+            2 * flows,
+            "every backend answer was one client exchange"
+        );
+    }
+
     /// Opens or closes backend `i`'s service port (TCP 80). Closing refuses
     /// new connections; established ones keep being served.
     pub fn set_service(&mut self, i: usize, on: bool) -> anyhow::Result<()> {

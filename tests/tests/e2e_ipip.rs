@@ -14,7 +14,6 @@ use lb_common::Stat;
 use lb_tests::{
     root::root_or_skip,
     topology::{HEALTH_PORT, TCP_PORT, Topology, UDP_PORT, VIP, routed_backend_address},
-    traffic::{tcp_connections, udp_exchanges},
 };
 
 const WEIGHTS: [(&str, u32); 3] = [("b1", 1), ("b2", 1), ("b3", 2)];
@@ -55,35 +54,7 @@ fn ipip_spreads_tcp_and_udp_over_routed_backends_by_weight() {
     let topo = Topology::routed(&names).expect("topology");
     let lb = topo.start_lb(&config(&WEIGHTS)).expect("lb run");
 
-    let tcp = topo
-        .client
-        .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), FLOWS))
-        .unwrap();
-    let udp = topo
-        .client
-        .enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), FLOWS))
-        .unwrap();
-    println!("tcp: {tcp:?}\nudp: {udp:?}");
-    for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
-        assert_eq!(tally.attempts(), FLOWS);
-        assert_eq!(
-            tally.failures,
-            0,
-            "{what}: every exchange succeeds; lb log:\n{}",
-            lb.log()
-        );
-        let off = tally.off_weight(&WEIGHTS, 0.15);
-        assert!(
-            off.is_empty(),
-            "{what}: shares off weight by > 15%: {off:?}"
-        );
-    }
-    let served: usize = topo.served().iter().map(|s| s.1 + s.2).sum();
-    assert_eq!(
-        served,
-        2 * FLOWS,
-        "every backend answer was one client exchange"
-    );
+    topo.assert_spread_by_weight(&lb, &WEIGHTS, FLOWS);
     for s in [Stat::DropNoNeighbour, Stat::DropTooBig] {
         assert_eq!(lb.stat(s).unwrap(), 0, "{}", s.name());
     }

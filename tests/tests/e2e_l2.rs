@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use lb_tests::{
     root::root_or_skip,
     topology::{HEALTH_PORT, L2Topology, TCP_PORT, UDP_PORT, VIP},
-    traffic::{tcp_connections, udp_exchanges},
+    traffic::tcp_connections,
 };
 
 const WEIGHTS: [(&str, u32); 3] = [("b1", 1), ("b2", 1), ("b3", 2)];
@@ -51,33 +51,7 @@ fn spreads_by_weight(xdp_mode: &str) {
     );
     let mut lb = topo.start_lb(&config).expect("lb run");
 
-    let tcp = topo
-        .client
-        .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), FLOWS))
-        .unwrap();
-    let udp = topo
-        .client
-        .enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), FLOWS))
-        .unwrap();
-    println!("tcp: {tcp:?}\nudp: {udp:?}");
-
-    for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
-        assert_eq!(tally.attempts(), FLOWS);
-        assert_eq!(
-            tally.failures,
-            0,
-            "{what}: every exchange succeeds; lb log:\n{}",
-            lb.log()
-        );
-        let off = tally.off_weight(&WEIGHTS, 0.15);
-        assert!(
-            off.is_empty(),
-            "{what}: shares off weight by > 15%: {off:?}"
-        );
-    }
-    // The servers saw exactly what the client counted: nothing answered twice.
-    let served: usize = topo.served().iter().map(|s| s.1 + s.2).sum();
-    assert_eq!(served, 2 * FLOWS);
+    topo.assert_spread_by_weight(&lb, &WEIGHTS, FLOWS);
 
     // SIGTERM ends lb but not forwarding: the program stays attached.
     let (status, log) = lb.terminate().expect("lb stops");
