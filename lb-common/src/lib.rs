@@ -307,14 +307,25 @@ stats! {
     /// A map lookup that cannot fail did (table index out of range).
     DropInternal = "drop_internal",
     /// Encapsulated, the packet would exceed the egress MTU (and no ICMP
-    /// answer was sent: turned off, no Don't Fragment, or IP options).
+    /// answer may be sent: turned off, no Don't Fragment, IP options, or a
+    /// sender RFC 1122 forbids answering).
     DropTooBig = "drop_too_big",
+    /// Too big, and an ICMP answer was due, but this CPU's ICMP budget was
+    /// spent (see `lb_common::ICMP_BURST`).
+    DropIcmpRateLimited = "drop_icmp_rate_limited",
     /// Answered with ICMP "fragmentation needed" (sent with XDP_TX, also
     /// counted as `action_tx`).
     IcmpTooBig = "icmp_too_big",
 }
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
+
+/// ICMP answers are limited per CPU by a token bucket holding up to
+/// `ICMP_BURST` answers and refilled by one every `ICMP_NS_PER_TOKEN` (1000
+/// a second), as the kernel limits its own ICMP errors: a flood of too-big
+/// packets cannot turn the load balancer into an ICMP source at line rate.
+pub const ICMP_BURST: u64 = 100;
+pub const ICMP_NS_PER_TOKEN: u64 = 1_000_000;
 
 /// The only element of the per-CPU `STATS` array: every global counter, so a
 /// packet's counting costs one map lookup however many counters it moves.

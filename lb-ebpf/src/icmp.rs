@@ -3,10 +3,10 @@
 //! and sends smaller packets (path MTU discovery through the tunnel).
 
 use aya_ebpf::{
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::Stat;
+use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -14,6 +14,7 @@ use network_types::{
 
 use crate::{
     forward::{checksum, checksum_words},
+    maps::ICMP_BUCKET,
     packet::ptr_at,
 };
 
@@ -37,6 +38,9 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), Stat> {
     let unicast_frame = eth.dst_addr[0] & 1 == 0;
     if !dont_fragment || ip.vihl != 0x45 || !unicast_sender || !unicast_frame {
         return Err(Stat::DropTooBig);
+    }
+    if !take_token() {
+        return Err(Stat::DropIcmpRateLimited);
     }
     // Room for the new IPv4 and ICMP headers in front of the original IPv4
     // header, which (with its next 8 bytes) becomes the ICMP payload where it
@@ -86,6 +90,29 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), Stat> {
     p[icmp + 2] = sum[0];
     p[icmp + 3] = sum[1];
     Ok(())
+}
+
+/// Takes one answer from this CPU's token bucket; false when it is empty.
+#[inline(always)]
+fn take_token() -> bool {
+    let Some(bucket) = ICMP_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU element, used only by this CPU while it runs us.
+    let [last, tokens] = unsafe { &mut *bucket };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let earned = now.saturating_sub(*last) / ICMP_NS_PER_TOKEN;
+    if earned > 0 {
+        *tokens = (*tokens + earned).min(ICMP_BURST);
+        // Keep the fraction of a token already earned.
+        *last += earned * ICMP_NS_PER_TOKEN;
+    }
+    if *tokens == 0 {
+        return false;
+    }
+    *tokens -= 1;
+    true
 }
 
 /// A copy of the `T` at `offset`, bounds-checked (a copy, because the

@@ -37,6 +37,11 @@ pub static MAGLEV: Array<SlotPair> =
 pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
     LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
 
+/// ICMP answer budget of each CPU: [time of the last refill (ns), tokens]
+/// (see `lb_common::ICMP_BURST`). Not pinned: a restart may start afresh.
+#[map]
+pub static ICMP_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Settings shared by every VIP (one element).
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use etherparse::{IpNumber, Ipv4Header};
-use lb_common::Stat;
+use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
 use lb_tests::{
     packet::{Harness, LB_MAC, tcp_syn, tcp_syn_with_ip_options, udp},
     root::root_or_skip,
@@ -308,4 +308,37 @@ fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
     }
     let c = h.counters().unwrap();
     assert_eq!((c.stat(Stat::IcmpTooBig), c.stat(Stat::DropTooBig)), (0, 0));
+}
+
+#[test]
+fn icmp_answers_are_rate_limited_per_cpu() {
+    let Some(mut h) = harness(
+        "icmp_answers_are_rate_limited_per_cpu",
+        Some(LB),
+        &routed(100),
+    ) else {
+        return;
+    };
+    // Far more too-big packets than the bucket holds, faster than it refills
+    // (each test run takes microseconds; a token takes a millisecond).
+    let sent = 3 * ICMP_BURST;
+    let started = std::time::Instant::now();
+    for i in 0..sent {
+        let out = h.run(&udp(CLIENT, 46000, VIP, 53, &[0u8; 100])).unwrap();
+        assert!(out.action == XDP_TX || out.action == XDP_DROP, "packet {i}");
+    }
+    let elapsed = started.elapsed();
+    let refilled = elapsed.as_nanos() as u64 / ICMP_NS_PER_TOKEN;
+    let c = h.counters().unwrap();
+    let (answered, limited) = (c.stat(Stat::IcmpTooBig), c.stat(Stat::DropIcmpRateLimited));
+    println!("answered {answered}, limited {limited} in {elapsed:?}");
+    assert_eq!(answered + limited, sent, "every packet counted once");
+    // Test runs may move between CPUs: each has its own bucket.
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    assert!(answered >= ICMP_BURST, "a full burst first: {answered}");
+    assert!(
+        answered <= cpus * ICMP_BURST + refilled,
+        "no more than the buckets held and earned: {answered}"
+    );
+    assert_eq!(c.stat(Stat::DropTooBig), 0);
 }
