@@ -186,27 +186,11 @@ fn main() -> ExitCode {
                     });
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("lb: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let options = lb_userspace::run::Options {
                 config_path: config,
                 detach_on_exit,
             };
-            match runtime.block_on(lb_userspace::run::run(c, ifindex, options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("lb: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on(lb_userspace::run::run(c, ifindex, options))
         }
     }
 }
@@ -256,6 +240,11 @@ fn decap(
         pin_path,
         detach_on_exit,
     };
+    block_on(lb_userspace::decap::run(options, ifindex))
+}
+
+/// Runs `work` on a single-threaded runtime; any error becomes exit code 1.
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,7 +255,7 @@ fn decap(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(lb_userspace::decap::run(options, ifindex)) {
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");

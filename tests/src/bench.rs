@@ -476,23 +476,7 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
 pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
     let gen_ns = Netns::new("bench-gen")?;
     let lb_ns = Netns::new("bench-lb")?;
-    crate::netns::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "g0",
-            "netns",
-            gen_ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            lb_ns.name(),
-        ],
-    )?;
+    crate::netns::veth(&gen_ns, "g0", &lb_ns, "eth0")?;
     gen_ns.ip(&["link", "set", "g0", "up"])?;
     lb_ns.ip(&["link", "set", "eth0", "up"])?;
     let gen_mac = link_mac(&gen_ns, "g0")?;

@@ -32,6 +32,29 @@ pub fn run(program: &str, args: &[&str]) -> anyhow::Result<Output> {
     Ok(out)
 }
 
+/// Connects `a` and `b` with a veth pair: `a_dev` in `a`, `b_dev` in `b`
+/// (both down).
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> anyhow::Result<()> {
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_dev,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_dev,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    Ok(())
+}
+
 pub struct Netns {
     name: String,
 }

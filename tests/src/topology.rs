@@ -283,23 +283,7 @@ fn plug_as(
     dev: &str,
     addr: Ipv4Addr,
 ) -> anyhow::Result<()> {
-    crate::netns::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            dev,
-            "netns",
-            ns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "netns",
-            switch.name(),
-        ],
-    )?;
+    crate::netns::veth(ns, dev, switch, port)?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
     ns.ip(&["link", "set", dev, "up"])?;

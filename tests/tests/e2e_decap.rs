@@ -11,7 +11,7 @@ use std::{
 
 use etherparse::PacketBuilder;
 use lb_tests::{
-    netns::{Netns, run},
+    netns::{Netns, veth},
     root::root_or_skip,
     topology::{DecapProcess, lb_binary},
 };
@@ -124,24 +124,7 @@ fn decap_delivers_every_tunnel_to_a_backend_without_tunnel_modules_and_survives_
     }
     let sender = Netns::new("send").unwrap();
     let backend = Netns::new("be").unwrap();
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            sender.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            backend.name(),
-        ],
-    )
-    .unwrap();
+    veth(&sender, "eth0", &backend, "eth0").unwrap();
     for (ns, v4, v6) in [(&sender, SENDER, SENDER6), (&backend, BACKEND, BACKEND6)] {
         ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])
             .unwrap();
