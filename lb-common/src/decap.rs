@@ -1,20 +1,9 @@
 //! What `lb decap`'s XDP program and its control plane share.
 
-use core::net::IpAddr;
-
 /// Next-header values of the tunnels opened: IPv4 inside (IPIP from an IPv4
 /// outer header, IPv4-in-IPv6 from an IPv6 one) and IPv6 inside (IP6IP6).
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
-
-/// Key of `DECAP_ADDRS`: an IPv6 address as is, an IPv4 address IPv4-mapped
-/// (`::ffff:a.b.c.d`), so one map holds both families.
-pub fn addr_key(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
 
 /// Capacity of the `DECAP_ADDRS` map: addresses of this host.
 pub const DECAP_MAX_ADDRS: u32 = 256;

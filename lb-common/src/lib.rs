@@ -9,6 +9,8 @@
 pub mod decap;
 pub mod hash;
 
+use core::net::IpAddr;
+
 /// Map names, shared so userspace never mistypes one.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -20,9 +22,10 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const FLOWS: &str = "FLOWS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const FLOWS6: &str = "FLOWS6";
 
     /// Every map, in the order userspace pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -32,6 +35,7 @@ pub mod map_names {
         BACKEND_STATS,
         FLOWS,
         VIP_FILTER,
+        FLOWS6,
     ];
 }
 
@@ -69,15 +73,29 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Key of the `VIPS` hash map (IPv4 VIPs).
-///
-/// Kept to 8 bytes: the key is hashed and compared on every packet, and the
-/// hash's cost grows with its length.
+/// An address of either family as the maps hold it: an IPv6 address as is,
+/// an IPv4 address IPv4-mapped (`::ffff:a.b.c.d`, so its four bytes are the
+/// last four).
+pub fn addr_key(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address an [`addr_key`] holds.
+pub fn key_addr(key: [u8; 16]) -> IpAddr {
+    core::net::Ipv6Addr::from(key).to_canonical()
+}
+
+/// Key of the `VIPS` hash map, for VIPs of both families. Looked up only
+/// for packets the flow table does not know, so one map serves both families
+/// (the per-packet flow table has a compact key per family instead).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
-    /// IPv4 address, network byte order (as it sits in the packet).
-    pub addr: u32,
+    /// [`addr_key`] of the VIP address (network byte order).
+    pub addr: [u8; 16],
     /// Destination port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -100,16 +118,20 @@ pub struct VipEntry {
 
 /// Forwarding mode: rewrite MACs and send on the same L2 segment.
 pub const FORWARD_L2: u32 = 0;
-/// Forwarding mode: encapsulate in IPIP to the backend, sent to the next hop
-/// towards it.
+/// Forwarding mode: encapsulate in an outer IPv4 header (IPIP) to the
+/// backend, sent to the next hop towards it.
 pub const FORWARD_IPIP: u32 = 1;
+/// Forwarding mode: encapsulate in an outer IPv6 header to the backend (IP6IP6
+/// for an IPv6 VIP, IPv4-in-IPv6 for an IPv4 one), sent to the next hop
+/// towards it.
+pub const FORWARD_IP6: u32 = 2;
 
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendEntry {
-    /// Backend address, network byte order.
-    pub addr: u32,
+    /// [`addr_key`] of the backend address.
+    pub addr: [u8; 16],
     /// MAC of the backend (`l2`) or of the next hop towards it (`ipip`).
     pub dst_mac: [u8; 6],
     /// MAC of the interface the frame leaves through.
@@ -125,8 +147,9 @@ pub struct BackendEntry {
     pub vip_id: u32,
     /// The VIP's `FORWARD_*` mode, so a flow-table hit needs no VIP lookup.
     pub forwarding: u32,
-    /// `ipip`: outer source address (network byte order).
-    pub encap_src: u32,
+    /// `ipip`: [`addr_key`] of the outer source address, of the backend's
+    /// family.
+    pub encap_src: [u8; 16],
     /// MTU of the egress interface (0: unknown, not checked).
     pub mtu: u32,
     /// Bumped by userspace whenever the id is given to a new (VIP, address)
@@ -142,9 +165,10 @@ pub const BACKEND_F_RESOLVED: u32 = 1;
 /// draining) and healthy, or every backend is down and the VIP fails open.
 /// Without it the flow table's entry is ignored and the flow re-placed.
 pub const BACKEND_F_KEEP_FLOWS: u32 = 2;
-/// `ipip`: answer an IPv4 packet with Don't Fragment that would exceed the
-/// egress MTU once encapsulated with ICMP "fragmentation needed" (the VIP's
-/// `icmp_too_big`), instead of dropping it. (Bit 4 is the control plane's.)
+/// `ipip`: answer a packet that would exceed the egress MTU once encapsulated
+/// (IPv4 with Don't Fragment: ICMP "fragmentation needed"; IPv6: ICMPv6
+/// "packet too big") instead of dropping it (the VIP's `icmp_too_big`).
+/// (Bit 4 is the control plane's.)
 pub const BACKEND_F_ICMP_TOO_BIG: u32 = 8;
 
 /// Key of the `FLOWS` LRU hash: the IPv4 5-tuple as it sits in the packet
@@ -155,6 +179,19 @@ pub struct FlowKey {
     /// Addresses and ports, network byte order.
     pub src: u32,
     pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the `FLOWS6` LRU hash: the IPv6 5-tuple as it sits in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    /// Addresses and ports, network byte order.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -187,6 +224,23 @@ pub fn vip_filter_bit(addr: u32) -> (u32, u64) {
     (h >> 6, 1u64 << (h & 63))
 }
 
+/// The word an IPv6 destination is filtered by (its four words folded), for
+/// [`vip_filter_bit`].
+#[inline(always)]
+pub fn vip_filter_word_v6(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    w(0) ^ w(4) ^ w(8) ^ w(12)
+}
+
+/// [`vip_filter_bit`] of an address of either family, as the program
+/// computes it from the packet.
+pub fn vip_filter_bit_of(addr: IpAddr) -> (u32, u64) {
+    match addr {
+        IpAddr::V4(a) => vip_filter_bit(u32::from_ne_bytes(a.octets())),
+        IpAddr::V6(a) => vip_filter_bit(vip_filter_word_v6(&a.octets())),
+    }
+}
+
 /// Value of the `FLOWS` LRU hash: where an established flow goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -203,7 +257,7 @@ pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Version of every map's key and value layout; bump it with any change to
 /// them (sizes alone do not catch reordered fields).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]
@@ -273,12 +327,17 @@ stats! {
     ActionPass = "action_pass",
     ActionTx = "action_tx",
     ActionRedirect = "action_redirect",
-    /// Not IPv4 (ARP, IPv6, anything else): passed untouched.
-    PassNotIpv4 = "pass_not_ipv4",
-    /// IPv4 but neither TCP nor UDP: passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, anything else): passed untouched.
+    PassNotIp = "pass_not_ip",
+    /// IP but neither TCP nor UDP: passed untouched.
     PassNotTcpUdp = "pass_not_tcp_udp",
-    /// IPv4 fragment: no ports to look up, passed to the kernel.
+    /// IPv4 or IPv6 fragment: no ports to look up, passed to the kernel.
     PassFragment = "pass_fragment",
+    /// IPv6 whose extension headers the program does not walk: more than
+    /// `lb_common::MAX_IPV6_EXT_HEADERS` of them, or a routing header with
+    /// segments left (this host is not the final destination): passed to
+    /// the kernel.
+    PassIpv6ExtHeaders = "pass_ipv6_ext_headers",
     /// TCP/UDP whose (address, port, protocol) is not a VIP: passed untouched.
     PassNotVip = "pass_not_vip",
     /// VIP packet of a flow in the flow table, kept on its backend.
@@ -294,11 +353,15 @@ stats! {
     FlowReplaced = "flow_replaced",
     /// Frame shorter than an Ethernet header.
     DropTruncatedEth = "drop_truncated_eth",
-    /// EtherType IPv4 but the frame ends inside the IPv4 header.
+    /// The frame ends inside the IPv4 or IPv6 header or the first 8 bytes of
+    /// an IPv6 extension header, or (when encapsulating) before the length
+    /// the IP header announces.
     DropTruncatedIp = "drop_truncated_ip",
-    /// IPv4 header with IHL < 5 or a version other than 4.
+    /// IPv4 header with IHL < 5 or a version other than 4, IPv6 header with
+    /// a version other than 6, or a total length shorter than the header.
     DropBadIpHeader = "drop_bad_ip_header",
-    /// The frame ends inside the TCP or UDP header.
+    /// The frame ends before the end of the TCP or UDP header (counting any
+    /// IPv6 extension header bytes in front of it).
     DropTruncatedL4 = "drop_truncated_l4",
     /// The VIP's table has no backend.
     DropNoBackend = "drop_no_backend",
@@ -316,9 +379,17 @@ stats! {
     /// Answered with ICMP "fragmentation needed" (sent with XDP_TX, also
     /// counted as `action_tx`).
     IcmpTooBig = "icmp_too_big",
+    /// Answered with ICMPv6 "packet too big" (sent with XDP_TX, also counted
+    /// as `action_tx`).
+    IcmpPacketTooBig = "icmp_packet_too_big",
 }
 
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
+
+/// IPv6 extension headers (hop-by-hop, routing, fragment, destination
+/// options) the program walks to find the TCP or UDP header; RFC 8200's
+/// recommended order has at most four of them before the upper layer.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// ICMP answers are limited per CPU by a token bucket holding up to
 /// `ICMP_BURST` answers and refilled by one every `ICMP_NS_PER_TOKEN` (1000
@@ -341,13 +412,15 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::FlowEntry {}
 }
 
 // Sizes are the sum of the fields: no implicit padding anywhere.
-const _: () = assert!(core::mem::size_of::<VipKey>() == 8);
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipEntry>() == 12);
-const _: () = assert!(core::mem::size_of::<BackendEntry>() == 44);
+const _: () = assert!(core::mem::size_of::<BackendEntry>() == 68);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);

@@ -1,20 +1,133 @@
 //! Flow placement: the flow table keeps established flows on their backend;
 //! everything else is placed by the VIP's Maglev table and remembered.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BackendEntry, FlowEntry, FlowKey, IPPROTO_UDP, NO_BACKEND, Stat,
-    UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, VipKey, hash::flow_hash_v4,
+    BACKEND_F_KEEP_FLOWS, BackendEntry, FlowEntry, FlowKey, FlowKey6, IPPROTO_UDP, NO_BACKEND,
+    Stat, UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, VipKey,
+    hash::{flow_hash_v4, flow_hash_v6},
+    vip_filter_word_v6,
 };
 
 use crate::{
     Verdict,
-    maps::{BACKENDS, CONFIG, FLOWS, MAGLEV, VIPS},
+    maps::{BACKENDS, CONFIG, FLOWS, FLOWS6, MAGLEV, VIPS},
     packet::Flow,
 };
 
+/// What differs between IPv4 and IPv6 flows, implemented by the address
+/// type as it sits in the packet. Each family has its own flow table, so the
+/// IPv4 table keeps its compact key.
+pub trait Family: Sized {
+    type Key: 'static;
+    const IS_V6: bool;
+    fn flows() -> &'static LruHashMap<Self::Key, FlowEntry>;
+    fn flow_key(flow: &Flow<Self>) -> Self::Key;
+    /// The flow hash (`lb_common::hash`) of the 5-tuple.
+    fn hash(flow: &Flow<Self>, seed: u32) -> u32;
+    /// The word `VIP_FILTER` is indexed by.
+    fn filter_word(&self) -> u32;
+    /// The address as `VipKey` holds it (`lb_common::addr_key`).
+    fn key(&self) -> [u8; 16];
+}
+
+impl Family for [u8; 4] {
+    type Key = FlowKey;
+    const IS_V6: bool = false;
+
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey, FlowEntry> {
+        &FLOWS
+    }
+
+    #[inline(always)]
+    fn flow_key(flow: &Flow<Self>) -> FlowKey {
+        FlowKey {
+            src: u32::from_ne_bytes(flow.src),
+            dst: u32::from_ne_bytes(flow.dst),
+            sport: flow.sport.to_be(),
+            dport: flow.dport.to_be(),
+            proto: flow.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn hash(flow: &Flow<Self>, seed: u32) -> u32 {
+        flow_hash_v4(
+            u32::from_be_bytes(flow.src),
+            u32::from_be_bytes(flow.dst),
+            flow.sport,
+            flow.dport,
+            flow.proto,
+            seed,
+        )
+    }
+
+    #[inline(always)]
+    fn filter_word(&self) -> u32 {
+        u32::from_ne_bytes(*self)
+    }
+
+    #[inline(always)]
+    fn key(&self) -> [u8; 16] {
+        let [a, b, c, d] = *self;
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
+    }
+}
+
+impl Family for [u8; 16] {
+    type Key = FlowKey6;
+    const IS_V6: bool = true;
+
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<FlowKey6, FlowEntry> {
+        &FLOWS6
+    }
+
+    #[inline(always)]
+    fn flow_key(flow: &Flow<Self>) -> FlowKey6 {
+        FlowKey6 {
+            src: flow.src,
+            dst: flow.dst,
+            sport: flow.sport.to_be(),
+            dport: flow.dport.to_be(),
+            proto: flow.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn hash(flow: &Flow<Self>, seed: u32) -> u32 {
+        flow_hash_v6(
+            &flow.src,
+            &flow.dst,
+            flow.sport,
+            flow.dport,
+            flow.proto,
+            seed,
+        )
+    }
+
+    #[inline(always)]
+    fn filter_word(&self) -> u32 {
+        vip_filter_word_v6(self)
+    }
+
+    #[inline(always)]
+    fn key(&self) -> [u8; 16] {
+        *self
+    }
+}
+
+/// The seed of the flow hash.
+#[inline(always)]
+pub fn seed() -> u32 {
+    CONFIG.get(0).map_or(0, |c| c.hash_seed)
+}
+
 /// What the flow table says about a packet.
-pub enum Lookup {
+pub enum Lookup<K> {
     /// An established flow whose backend may keep it.
     Hit {
         backend_id: u32,
@@ -24,21 +137,14 @@ pub enum Lookup {
     /// counter to move once the packet is known to be for a VIP.
     Miss {
         outcome: Stat,
-        key: FlowKey,
+        key: K,
         now: u64,
     },
 }
 
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> Lookup {
-    let key = FlowKey {
-        src: u32::from_ne_bytes(flow.src),
-        dst: u32::from_ne_bytes(flow.dst),
-        sport: flow.sport.to_be(),
-        dport: flow.dport.to_be(),
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
+pub fn lookup<A: Family>(flow: &Flow<A>) -> Lookup<A::Key> {
+    let key = A::flow_key(flow);
     let udp = flow.proto == IPPROTO_UDP;
     // Only UDP flows age; TCP flows leave the LRU table when it needs room.
     // The coarse clock (tick resolution) is plenty for timeouts of seconds
@@ -50,7 +156,7 @@ pub fn lookup(flow: &Flow) -> Lookup {
         0
     };
 
-    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
+    let Some(entry) = A::flows().get_ptr_mut(&key) else {
         let outcome = if flow.opens {
             Stat::FlowMissSyn
         } else {
@@ -96,9 +202,9 @@ pub fn lookup(flow: &Flow) -> Lookup {
 
 /// The VIP the packet is addressed to.
 #[inline(always)]
-pub fn vip(flow: &Flow) -> Result<VipEntry, Verdict> {
+pub fn vip<A: Family>(flow: &Flow<A>) -> Result<VipEntry, Verdict> {
     let key = VipKey {
-        addr: u32::from_ne_bytes(flow.dst),
+        addr: flow.dst.key(),
         port: flow.dport.to_be(),
         proto: flow.proto,
         _pad: 0,
@@ -110,23 +216,15 @@ pub fn vip(flow: &Flow) -> Result<VipEntry, Verdict> {
 }
 
 /// Places a new (or re-placed) flow with the VIP's Maglev table and remembers
-/// it.
+/// it. Returns the backend and the flow hash.
 #[inline(always)]
-pub fn place(
-    flow: &Flow,
-    key: &FlowKey,
+pub fn place<A: Family>(
+    flow: &Flow<A>,
+    key: &A::Key,
     vip: &VipEntry,
     now: u64,
-) -> Result<(u32, &'static BackendEntry), Verdict> {
-    let seed = CONFIG.get(0).map_or(0, |c| c.hash_seed);
-    let hash = flow_hash_v4(
-        u32::from_be_bytes(flow.src),
-        u32::from_be_bytes(flow.dst),
-        flow.sport,
-        flow.dport,
-        flow.proto,
-        seed,
-    );
+) -> Result<(u32, &'static BackendEntry, u32), Verdict> {
+    let hash = A::hash(flow, seed());
     let slot = vip.table_base + hash % vip.table_size.max(1);
     let pair = MAGLEV
         .get(slot / 2)
@@ -151,6 +249,6 @@ pub fn place(
     };
     // A full table evicts its least recently used entry; failure to insert
     // only costs this flow its stickiness, so the packet is still forwarded.
-    let _ = FLOWS.insert(key, &entry, 0);
-    Ok((backend_id, backend))
+    let _ = A::flows().insert(key, &entry, 0);
+    Ok((backend_id, backend, hash))
 }

@@ -1,7 +1,7 @@
 //! The load balancer's XDP program: parse, skip what is surely not for a VIP,
 //! keep established flows on their backend through the flow table, place new
 //! flows with the VIP's Maglev table, rewrite the Ethernet header (and for
-//! `ipip` add an outer IPv4 header) and send the frame on (direct server
+//! `ipip` add an outer IPv4 or IPv6 header) and send the frame on (direct server
 //! return: the client's packet is not touched, the backend holds the VIP and
 //! answers the client itself).
 //!
@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod flows;
 mod forward;
 mod icmp;
@@ -19,11 +20,12 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, macros::xdp, programs::XdpContext};
-use lb_common::{FORWARD_IPIP, FORWARD_L2, Stat, StatBlock, Traffic, vip_filter_bit};
+use lb_common::{FORWARD_IP6, FORWARD_IPIP, FORWARD_L2, Stat, StatBlock, Traffic, vip_filter_bit};
 
 use crate::{
-    flows::Lookup,
+    flows::{Family, Lookup},
     maps::{BACKEND_STATS, STATS, VIP_FILTER, VIP_STATS},
+    packet::{Flow, Parsed},
 };
 
 /// What happens to a packet, with the reason when it is not forwarded.
@@ -85,33 +87,51 @@ pub fn lb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, stats: &mut StatBlock) -> Result<Verdict, Verdict> {
-    let flow = packet::parse(ctx)?;
-    let (word, bit) = vip_filter_bit(u32::from_ne_bytes(flow.dst));
+    match packet::parse(ctx)? {
+        Parsed::V4(flow) => balance_flow(ctx, stats, &flow),
+        Parsed::V6(flow) => balance_flow(ctx, stats, &flow),
+    }
+}
+
+#[inline(always)]
+fn balance_flow<A: Family>(
+    ctx: &XdpContext,
+    stats: &mut StatBlock,
+    flow: &Flow<A>,
+) -> Result<Verdict, Verdict> {
+    let (word, bit) = vip_filter_bit(flow.dst.filter_word());
     if VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
         return Err(Verdict::Pass(Stat::PassNotVip));
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
 
-    let (backend_id, backend, placed) = match flows::lookup(&flow) {
+    let (backend_id, backend, hash) = match flows::lookup(flow) {
         Lookup::Hit {
             backend_id,
             backend,
         } => {
             bump(stats, Stat::FlowHit);
             add_traffic(&VIP_STATS, backend.vip_id, bytes, false);
-            (backend_id, backend, false)
+            (backend_id, backend, None)
         }
         Lookup::Miss { outcome, key, now } => {
-            let vip = flows::vip(&flow)?;
+            let vip = flows::vip(flow)?;
             bump(stats, outcome);
             add_traffic(&VIP_STATS, vip.id, bytes, false);
-            let (id, backend) = flows::place(&flow, &key, &vip, now)?;
-            (id, backend, true)
+            let (id, backend, hash) = flows::place(flow, &key, &vip, now)?;
+            (id, backend, Some(hash))
         }
     };
+    let placed = hash.is_some();
     let verdict = match backend.forwarding {
         FORWARD_L2 => forward::l2(ctx, backend)?,
-        FORWARD_IPIP => forward::ipip(ctx, backend)?,
+        // Userspace never gives an IPv6 VIP an IPv4 outer header.
+        FORWARD_IPIP if !A::IS_V6 => forward::ipip(ctx, backend)?,
+        FORWARD_IP6 => {
+            // An established flow's hash is only needed here, for the label.
+            let hash = hash.unwrap_or_else(|| A::hash(flow, flows::seed()));
+            forward::ip6(ctx, backend, A::IS_V6, hash)?
+        }
         // Userspace only writes modes this program knows.
         _ => return Err(Verdict::Drop(Stat::DropInternal)),
     };

@@ -7,16 +7,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig,
+    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6, GlobalConfig,
     MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic,
     VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
 };
 
-/// (address, port, protocol) -> VIP id, active table half, forwarding mode.
+/// (address of either family, port, protocol) -> VIP id, active table half, forwarding mode.
 #[map]
 pub static VIPS: HashMap<VipKey, VipEntry> = HashMap::with_max_entries(MAX_VIPS, VIPS_MAP_FLAGS);
 
-/// Backend id -> address, MACs, egress interface.
+/// Backend id -> address, MACs, egress interface, forwarding mode.
 #[map]
 pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS, 0);
 
@@ -35,6 +35,12 @@ pub static MAGLEV: Array<SlotPair> =
 /// Resized by userspace at load time. The program is its only writer.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
+
+/// The same for IPv6 flows (a separate table keeps the IPv4 key compact).
+/// Resized by userspace at load time, like `FLOWS`.
+#[map]
+pub static FLOWS6: LruHashMap<FlowKey6, FlowEntry> =
     LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
 
 /// ICMP answer budget of each CPU: [time of the last refill (ns), tokens]

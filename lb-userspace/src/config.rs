@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -80,6 +80,8 @@ fn default_shutdown_grace() -> String {
 struct RawFlowTable {
     #[serde(default = "default_flow_table_size")]
     max_flows: i64,
+    /// Capacity of the IPv6 flow table; defaults to `max_flows`.
+    max_flows_v6: Option<i64>,
     #[serde(default = "default_udp_idle_timeout")]
     udp_idle_timeout: String,
 }
@@ -96,6 +98,7 @@ impl Default for RawFlowTable {
     fn default() -> Self {
         Self {
             max_flows: default_flow_table_size(),
+            max_flows_v6: None,
             udp_idle_timeout: default_udp_idle_timeout(),
         }
     }
@@ -285,6 +288,7 @@ pub struct Fixed {
     /// Capacity reserved for VIPs (sizes the Maglev table map at load time).
     pub max_vips: u32,
     pub max_flows: u32,
+    pub max_flows_v6: u32,
     pub pin_path: PathBuf,
     pub admin_listen: SocketAddr,
 }
@@ -296,7 +300,10 @@ pub struct Config {
     pub table_size: u32,
     pub seed: u32,
     pub max_vips: u32,
+    /// Capacity of the IPv4 flow table.
     pub max_flows: u32,
+    /// Capacity of the IPv6 flow table.
+    pub max_flows_v6: u32,
     pub udp_idle_timeout: Duration,
     pub pin_path: PathBuf,
     /// Where the admin HTTP listener (metrics, status, readiness) binds.
@@ -314,6 +321,7 @@ impl Config {
             table_size: self.table_size,
             max_vips: self.max_vips,
             max_flows: self.max_flows,
+            max_flows_v6: self.max_flows_v6,
             pin_path: self.pin_path.clone(),
             admin_listen: self.admin_listen,
         }
@@ -335,15 +343,16 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub forwarding: Forwarding,
-    /// `ipip`: outer source address; `None` takes the route's preferred
-    /// source (one of the host's addresses).
-    pub encap_source: Option<Ipv4Addr>,
+    /// `ipip`: outer source address, of the backends' family; `None` takes
+    /// the route's preferred source (one of the host's addresses).
+    pub encap_source: Option<IpAddr>,
     /// `ipip`: answer packets too big once encapsulated with ICMP
-    /// "fragmentation needed" (path MTU discovery) rather than drop them.
+    /// "fragmentation needed" or ICMPv6 "packet too big" (path MTU
+    /// discovery) rather than drop them.
     pub icmp_too_big: bool,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
@@ -352,7 +361,7 @@ pub struct Vip {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
 }
@@ -481,11 +490,14 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     }
 
     let max_flows = raw.flow_table.max_flows;
-    if !(FLOW_TABLE_SIZE_MIN..=FLOW_TABLE_SIZE_MAX).contains(&max_flows) {
-        p.add(
-            "flow_table.max_flows",
-            format!("{max_flows} is out of range {FLOW_TABLE_SIZE_MIN}..={FLOW_TABLE_SIZE_MAX}"),
-        );
+    let max_flows_v6 = raw.flow_table.max_flows_v6.unwrap_or(max_flows);
+    for (field, n) in [("max_flows", max_flows), ("max_flows_v6", max_flows_v6)] {
+        if !(FLOW_TABLE_SIZE_MIN..=FLOW_TABLE_SIZE_MAX).contains(&n) {
+            p.add(
+                format!("flow_table.{field}"),
+                format!("{n} is out of range {FLOW_TABLE_SIZE_MIN}..={FLOW_TABLE_SIZE_MAX}"),
+            );
+        }
     }
     let udp_idle_timeout = parse_duration(
         &mut p,
@@ -530,7 +542,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 format!("duplicate VIP name `{}`", v.name),
             );
         }
-        let address = parse_v4(&mut p, &format!("{at}.address"), &v.address);
+        let address = parse_ip(&mut p, &format!("{at}.address"), &v.address);
         let port = match u16::try_from(v.port) {
             Ok(port) if port != 0 => Some(port),
             _ => {
@@ -559,7 +571,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         let mut backends = Vec::with_capacity(v.backends.len());
         for (j, b) in v.backends.into_iter().enumerate() {
             let bat = format!("{at}.backends[{j}]");
-            let address = parse_v4(&mut p, &format!("{bat}.address"), &b.address);
+            let address = parse_ip(&mut p, &format!("{bat}.address"), &b.address);
             if let Some(a) = address
                 && !seen.insert(a)
             {
@@ -589,8 +601,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 );
                 None
             }
-            (Some(text), Forwarding::Ipip) => parse_v4(&mut p, &format!("{at}.encap_source"), text),
+            (Some(text), Forwarding::Ipip) => parse_ip(&mut p, &format!("{at}.encap_source"), text),
         };
+        if v.forwarding == Forwarding::Ipip {
+            check_tunnel_families(&mut p, &at, address, encap_source, &backends);
+        }
         if v.icmp_too_big.is_some() && v.forwarding == Forwarding::L2 {
             p.add(
                 format!("{at}.icmp_too_big"),
@@ -636,6 +651,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         seed: seed as u32,
         max_vips: max_vips as u32,
         max_flows: max_flows as u32,
+        max_flows_v6: max_flows_v6 as u32,
         udp_idle_timeout,
         pin_path,
         admin_listen,
@@ -733,13 +749,56 @@ fn parse_duration(p: &mut Problems, field: &str, text: &str) -> Option<Duration>
     }
 }
 
-fn parse_v4(p: &mut Problems, field: &str, text: &str) -> Option<Ipv4Addr> {
-    match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Some(a),
-        Ok(IpAddr::V6(_)) => {
-            p.add(field, format!("`{text}`: IPv6 is not supported yet"));
-            None
+/// The encapsulations `ipip` supports: IPIP (IPv4 in IPv4), IP6IP6 and
+/// IPv4-in-IPv6. One VIP has one outer family, so its backends and its
+/// `encap_source` must all be of it.
+fn check_tunnel_families(
+    p: &mut Problems,
+    at: &str,
+    vip: Option<IpAddr>,
+    encap_source: Option<IpAddr>,
+    backends: &[Backend],
+) {
+    let Some(first) = backends.first() else {
+        return;
+    };
+    let outer_v6 = first.address.is_ipv6();
+    let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+    for (j, b) in backends.iter().enumerate() {
+        if b.address.is_ipv6() != outer_v6 {
+            p.add(
+                format!("{at}.backends[{j}].address"),
+                format!(
+                    "is {} but backends[0] is {}: the backends of an ipip VIP share one family",
+                    family(!outer_v6),
+                    family(outer_v6)
+                ),
+            );
         }
+    }
+    if vip.is_some_and(|v| v.is_ipv6()) && !outer_v6 {
+        p.add(
+            format!("{at}.backends"),
+            "an IPv6 VIP needs IPv6 backends with forwarding: ipip (IPv6 in IPv4 is not supported)",
+        );
+    }
+    if let Some(src) = encap_source
+        && src.is_ipv6() != outer_v6
+    {
+        p.add(
+            format!("{at}.encap_source"),
+            format!(
+                "is {} but the backends are {}: the outer header is of the backends' family",
+                family(src.is_ipv6()),
+                family(outer_v6)
+            ),
+        );
+    }
+}
+
+fn parse_ip(p: &mut Problems, field: &str, text: &str) -> Option<IpAddr> {
+    match text.parse::<IpAddr>() {
+        Ok(a) => Some(a),
         Err(_) => {
             p.add(field, format!("`{text}` is not an IP address"));
             None
@@ -809,12 +868,12 @@ vips:
             (65537, 0x5eed, DEFAULT_MAX_VIPS)
         );
         assert_eq!(c.vips.len(), 2);
-        assert_eq!(c.vips[0].address, Ipv4Addr::new(192, 0, 2, 10));
+        assert_eq!(c.vips[0].address, IpAddr::from([192, 0, 2, 10]));
         assert_eq!(c.vips[1].protocol, Protocol::Udp);
         assert_eq!(
             c.vips[0].backends[1],
             Backend {
-                address: Ipv4Addr::new(198, 51, 100, 12),
+                address: IpAddr::from([198, 51, 100, 12]),
                 weight: 100,
                 state: BackendState::Active,
             }
@@ -925,8 +984,60 @@ vips:
             e.contains("vips[0].backends[0].address") && e.contains("not an IP address"),
             "{e}"
         );
-        let e = error_with("address: 192.0.2.10", "address: 2001:db8::1");
-        assert!(e.contains("vips[0].address") && e.contains("IPv6"), "{e}");
+    }
+
+    #[test]
+    fn accepts_ipv6_wherever_it_accepts_ipv4() {
+        let text = GOOD
+            .replacen("address: 192.0.2.10", "address: 2001:db8::10", 1)
+            .replace("198.51.100.1", "2001:db8:1::1")
+            .replacen("forwarding: l2", "forwarding: ipip\n    encap_source: 2001:db8::1", 1);
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.vips[0].address, "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            c.vips[0].backends[1].address,
+            "2001:db8:1::12".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(c.vips[0].encap_source, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn rejects_tunnel_family_combinations_ipip_does_not_support() {
+        let ipip = |vip: &str, b0: &str, src: &str| {
+            let text = GOOD
+                .replacen("address: 192.0.2.10", &format!("address: {vip}"), 1)
+                .replacen("198.51.100.11,", &format!("{b0},"), 1)
+                .replacen("forwarding: l2", &format!("forwarding: ipip{src}"), 1);
+            match parse(&text) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        };
+        // IPv4 in IPv6 (every backend IPv6) is supported.
+        let v4_in_v6 = GOOD
+            .replacen("forwarding: l2", "forwarding: ipip", 1)
+            .replace("198.51.100.1", "2001:db8:1::1");
+        parse(&v4_in_v6).expect("IPv4 VIP with IPv6 backends");
+        // IPv6 VIP to an IPv4 backend: IPv6 in IPv4 is not.
+        let e = ipip("2001:db8::10", "198.51.100.11", "");
+        assert!(
+            e.contains("vips[0].backends") && e.contains("IPv6 in IPv4 is not supported"),
+            "{e}"
+        );
+        // Mixed families under one VIP.
+        let e = ipip("192.0.2.10", "2001:db8:1::11", "");
+        assert!(
+            e.contains("vips[0].backends[1].address") && e.contains("share one family"),
+            "{e}"
+        );
+        // An outer source of the other family.
+        let e = ipip("192.0.2.10", "198.51.100.11", "\n    encap_source: 2001:db8::1");
+        assert!(
+            e.contains("vips[0].encap_source") && e.contains("backends' family"),
+            "{e}"
+        );
+        // l2 only rewrites MACs: any family goes.
+        parse(&GOOD.replace("198.51.100.1", "2001:db8:1::1")).expect("l2 with IPv6 backends");
     }
 
     #[test]
@@ -946,7 +1057,7 @@ vips:
         );
         let c = parse(&text).expect("valid");
         assert_eq!(c.vips[0].forwarding, Forwarding::Ipip);
-        assert_eq!(c.vips[0].encap_source, Some(Ipv4Addr::new(203, 0, 113, 1)));
+        assert_eq!(c.vips[0].encap_source, Some(IpAddr::from([203, 0, 113, 1])));
         let e = error_with(
             "forwarding: l2",
             "forwarding: l2\n    encap_source: 203.0.113.1",

@@ -18,7 +18,10 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use futures::TryStreamExt as _;
-use lb_common::decap::{DECAP_PROGRAM, DecapStat, DecapStats, addr_key, map_names};
+use lb_common::{
+    addr_key,
+    decap::{DECAP_PROGRAM, DecapStat, DecapStats, map_names},
+};
 use netlink_packet_route::address::AddressAttribute;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -81,7 +81,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// One probe of `addr` as `check` says, bounded by its timeout.
-pub async fn probe(check: &HealthCheck, addr: Ipv4Addr) -> Result<(), Failure> {
+pub async fn probe(check: &HealthCheck, addr: IpAddr) -> Result<(), Failure> {
     let target = SocketAddr::from((addr, check.port));
     let attempt = async {
         let mut stream = TcpStream::connect(target)
@@ -101,7 +101,12 @@ pub async fn probe(check: &HealthCheck, addr: Ipv4Addr) -> Result<(), Failure> {
 }
 
 /// Sends `GET path` and accepts a 2xx status line.
-async fn http_get(stream: &mut TcpStream, path: &str, host: Ipv4Addr) -> Result<(), Failure> {
+async fn http_get(stream: &mut TcpStream, path: &str, host: IpAddr) -> Result<(), Failure> {
+    // An IPv6 literal host is bracketed (RFC 3986).
+    let host = match host {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
     );
@@ -133,7 +138,7 @@ async fn http_get(stream: &mut TcpStream, path: &str, host: Ipv4Addr) -> Result<
 #[derive(Clone, Debug)]
 pub struct Transition {
     pub vip: VipKey,
-    pub backend: Ipv4Addr,
+    pub backend: IpAddr,
     /// The probe task that saw it; see [`Supervisor::is_current`].
     pub task: u64,
     pub up: bool,
@@ -143,7 +148,7 @@ pub struct Transition {
 
 /// Runs one probe task per (VIP, backend) of the current config.
 pub struct Supervisor {
-    tasks: BTreeMap<(VipKey, Ipv4Addr), Task>,
+    tasks: BTreeMap<(VipKey, IpAddr), Task>,
     events: mpsc::Sender<Transition>,
     metrics: Arc<Metrics>,
     next_task: u64,
@@ -178,8 +183,8 @@ impl Supervisor {
     /// those of removed backends, and restarts those whose check changed.
     /// Within a VIP, tasks start spread evenly over the interval so probes do
     /// not arrive in bursts.
-    pub fn sync(&mut self, config: &Config, initial: impl Fn(&VipKey, Ipv4Addr) -> bool) {
-        let mut wanted: BTreeMap<(VipKey, Ipv4Addr), (HealthCheck, Duration, Labels)> =
+    pub fn sync(&mut self, config: &Config, initial: impl Fn(&VipKey, IpAddr) -> bool) {
+        let mut wanted: BTreeMap<(VipKey, IpAddr), (HealthCheck, Duration, Labels)> =
             BTreeMap::new();
         for vip in &config.vips {
             let key = crate::reconcile::vip_key(vip);
@@ -256,7 +261,7 @@ struct Labels {
 /// One backend's probe task.
 struct Probe {
     vip: VipKey,
-    backend: Ipv4Addr,
+    backend: IpAddr,
     task: u64,
     check: HealthCheck,
     labels: Labels,
@@ -387,12 +392,12 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         assert_eq!(
-            probe(&check(HealthKind::Tcp, port), Ipv4Addr::LOCALHOST).await,
+            probe(&check(HealthKind::Tcp, port), IpAddr::from([127, 0, 0, 1])).await,
             Ok(())
         );
         drop(l);
         assert_eq!(
-            probe(&check(HealthKind::Tcp, port), Ipv4Addr::LOCALHOST).await,
+            probe(&check(HealthKind::Tcp, port), IpAddr::from([127, 0, 0, 1])).await,
             Err(Failure::Refused)
         );
     }
@@ -417,12 +422,12 @@ mod tests {
     async fn http_probe_wants_a_2xx_status() {
         let ok = http_server("HTTP/1.1 204 No Content\r\n\r\n").await;
         assert_eq!(
-            probe(&check(HealthKind::Http, ok), Ipv4Addr::LOCALHOST).await,
+            probe(&check(HealthKind::Http, ok), IpAddr::from([127, 0, 0, 1])).await,
             Ok(())
         );
         let bad = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         assert_eq!(
-            probe(&check(HealthKind::Http, bad), Ipv4Addr::LOCALHOST).await,
+            probe(&check(HealthKind::Http, bad), IpAddr::from([127, 0, 0, 1])).await,
             Err(Failure::BadStatus(
                 "HTTP/1.1 503 Service Unavailable".into()
             ))
@@ -435,7 +440,7 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         // Accepts (the kernel completes the handshake) but never answers.
         assert_eq!(
-            probe(&check(HealthKind::Http, port), Ipv4Addr::LOCALHOST).await,
+            probe(&check(HealthKind::Http, port), IpAddr::from([127, 0, 0, 1])).await,
             Err(Failure::Timeout)
         );
         drop(l);

@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, GlobalConfig, MAGLEV_MAP_FLAGS,
+    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6, GlobalConfig, MAGLEV_MAP_FLAGS,
     PROGRAM_NAME, SlotPair, StatBlock, Traffic, VIPS_MAP_FLAGS, VipEntry, VipKey, map_names,
 };
 
@@ -77,6 +77,7 @@ pub struct Sizes {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_flows: u32,
+    pub max_flows_v6: u32,
 }
 
 impl Sizes {
@@ -108,6 +109,12 @@ impl Sizes {
                 size_of::<FlowKey>(),
                 size_of::<FlowEntry>(),
                 Some(self.max_flows),
+                FLOWS_MAP_FLAGS,
+            ),
+            map_names::FLOWS6 => (
+                size_of::<FlowKey6>(),
+                size_of::<FlowEntry>(),
+                Some(self.max_flows_v6),
                 FLOWS_MAP_FLAGS,
             ),
             _ => (0, 0, None, 0),
@@ -188,7 +195,8 @@ pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::MAGLEV, sizes.maglev_entries())
-        .map_max_entries(map_names::FLOWS, sizes.max_flows);
+        .map_max_entries(map_names::FLOWS, sizes.max_flows)
+        .map_max_entries(map_names::FLOWS6, sizes.max_flows_v6);
     if let Some(dir) = pin_dir {
         ensure_bpffs(dir)?;
         let maps = dir.join("maps");

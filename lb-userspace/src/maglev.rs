@@ -10,7 +10,7 @@
 //! slot counts are proportional to weights (exactly equal, up to one slot, when
 //! the weights are equal).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_common::hash::hash_words;
 
@@ -19,7 +19,7 @@ const SKIP_SALT: u32 = 0x9e37_79b9;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Weighted {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub weight: u32,
 }
 
@@ -73,10 +73,23 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
     let mut walks: Vec<Walk> = sorted
         .iter()
         .map(|b| {
-            let key = [b.address.to_bits()];
+            let walk = |key: &[u32]| {
+                (
+                    hash_words(key, seed) % m,
+                    hash_words(key, seed ^ SKIP_SALT) % (m - 1) + 1,
+                )
+            };
+            // An IPv6 address is four words; an IPv4 one is one word.
+            let (next, skip) = match b.address {
+                IpAddr::V4(a) => walk(&[a.to_bits()]),
+                IpAddr::V6(a) => {
+                    let w = a.to_bits();
+                    walk(&[(w >> 96) as u32, (w >> 64) as u32, (w >> 32) as u32, w as u32])
+                }
+            };
             Walk {
-                next: hash_words(&key, seed) % m,
-                skip: hash_words(&key, seed ^ SKIP_SALT) % (m - 1) + 1,
+                next,
+                skip,
                 credit: 0,
                 weight: b.weight,
             }
@@ -125,7 +138,7 @@ mod tests {
         (0..n)
             .map(|i| Weighted {
                 // Spread over 10.0.0.0/8 so addresses are not all adjacent.
-                address: Ipv4Addr::from_bits(0x0a00_0000 + (i as u32) * 7919),
+                address: IpAddr::from(std::net::Ipv4Addr::from_bits(0x0a00_0000 + (i as u32) * 7919)),
                 weight: weight(i),
             })
             .collect()
@@ -244,7 +257,7 @@ mod tests {
             let reference = build(&b, M, 0x5eed);
             for key in orderings {
                 let mut shuffled = b.clone();
-                shuffled.sort_by_key(|x| hash_words(&[x.address.to_bits()], key));
+                shuffled.sort_by_key(|x| hash_words(&lb_common::addr_key(x.address).map(u32::from), key));
                 prop_assert!(build(&shuffled, M, 0x5eed) == reference.clone());
             }
         }

@@ -293,8 +293,9 @@ fn print_plan(file: &std::path::Path, c: &Config) {
         c.interface, c.xdp_mode, c.table_size, c.seed
     );
     println!(
-        "flow table {} flows, UDP idle timeout {}, pinned under {}, admin on {}",
+        "flow tables {} IPv4 and {} IPv6 flows, UDP idle timeout {}, pinned under {}, admin on {}",
         c.max_flows,
+        c.max_flows_v6,
         humantime::format_duration(c.udp_idle_timeout),
         c.pin_path.display(),
         c.admin_listen

@@ -278,7 +278,7 @@ fn register_status(r: &Registry, s: &Status) {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, net::Ipv4Addr};
+    use std::{collections::BTreeMap, net::IpAddr};
 
     use super::*;
     use crate::status::{BackendStatus, VipStatus};
@@ -310,7 +310,7 @@ mod tests {
                 new_flows: 2,
                 skew: Some(1.5),
                 backends: vec![BackendStatus {
-                    address: Ipv4Addr::new(10, 0, 0, 2),
+                    address: IpAddr::from([10, 0, 0, 2]),
                     state: "active".into(),
                     up: true,
                     weight: 3,

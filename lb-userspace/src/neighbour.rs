@@ -4,12 +4,13 @@
 //! userspace copied into the backend's map entry. Here we read the neighbour
 //! table and, for backends whose entry is missing or no longer confirmed,
 //! provoke the kernel into (re)resolving it by sending one empty UDP datagram
-//! to the backend's discard port; the kernel's own ARP state machine does the
-//! rest, and the next refresh picks up the answer.
+//! to the backend's discard port; the kernel's own ARP (IPv4) or neighbour
+//! discovery (IPv6) state machine does the rest, and the next refresh picks
+//! up the answer.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -25,7 +26,7 @@ use rtnetlink::{Handle, RouteMessageBuilder};
 use crate::reconcile::{Neighbour, Neighbours};
 
 /// The RFC 863 discard port: a datagram there is harmless (at most an ICMP
-/// port-unreachable comes back) and is enough to trigger ARP.
+/// port-unreachable comes back) and is enough to trigger ARP or NDP.
 const DISCARD_PORT: u16 = 9;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +80,15 @@ impl NeighbourTable {
 
     /// The kernel's route to `dst` (RTM_GETROUTE): the next hop, the egress
     /// interface and the preferred source. `None` when there is no route.
-    async fn route(&self, dst: Ipv4Addr) -> Option<Route> {
-        let request = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .build();
+    async fn route(&self, dst: IpAddr) -> Option<Route> {
+        let request = match dst {
+            IpAddr::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d, 32)
+                .build(),
+            IpAddr::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d, 128)
+                .build(),
+        };
         let mut answers = self.handle.route().get(request).execute();
         let msg = answers.try_next().await.ok()??;
         let mut route = Route {
@@ -92,32 +98,53 @@ impl NeighbourTable {
         };
         for attr in msg.attributes {
             match attr {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.via = g,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.via = g.into(),
+                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => route.via = g.into(),
                 RouteAttribute::Oif(i) => route.oif = i,
-                RouteAttribute::PrefSource(RouteAddress::Inet(s)) => route.src = Some(s),
+                RouteAttribute::PrefSource(RouteAddress::Inet(s)) => route.src = Some(s.into()),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(s)) => route.src = Some(s.into()),
                 _ => {}
             }
         }
         (route.oif != 0).then_some(route)
     }
 
+    /// The neighbour entries of the addresses in `wanted`, keyed by address
+    /// and interface (an IPv6 link-local next hop is only unique per link).
     async fn entries(
         &self,
-        wanted: &[Ipv4Addr],
-    ) -> Result<BTreeMap<Ipv4Addr, Entry>, NeighbourError> {
+        wanted: &[IpAddr],
+    ) -> Result<BTreeMap<(IpAddr, u32), Entry>, NeighbourError> {
+        let mut found = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            self.dump(family, wanted, &mut found).await?;
+        }
+        Ok(found)
+    }
+
+    async fn dump(
+        &self,
+        family: AddressFamily,
+        wanted: &[IpAddr],
+        found: &mut BTreeMap<(IpAddr, u32), Entry>,
+    ) -> Result<(), NeighbourError> {
         let mut dump = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute();
-        let mut found = BTreeMap::new();
         while let Some(msg) = dump.try_next().await? {
             let mut dst = None;
             let mut lladdr = None;
             for attr in &msg.attributes {
                 match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dst = Some(IpAddr::from(*a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::from(*a))
+                    }
                     NeighbourAttribute::LinkLayerAddress(l) => {
                         lladdr = <[u8; 6]>::try_from(l.as_slice()).ok()
                     }
@@ -143,9 +170,9 @@ impl NeighbourTable {
                 NeighbourState::Stale => Entry::Stale(hop),
                 _ => continue,
             };
-            found.insert(dst, entry);
+            found.insert((dst, hop.ifindex), entry);
         }
-        Ok(found)
+        Ok(())
     }
 
     /// Reads how to reach every backend in `wanted` and provokes resolution
@@ -161,7 +188,7 @@ impl NeighbourTable {
                 routes.insert(b, r);
             }
         }
-        let hops: Vec<Ipv4Addr> = wanted
+        let hops: Vec<IpAddr> = wanted
             .direct
             .iter()
             .copied()
@@ -181,7 +208,17 @@ impl NeighbourTable {
         });
         let routed = routes.iter().map(|(&b, &r)| (b, r));
         for (backend, route) in direct.chain(routed) {
-            let (hop, stale) = match entries.get(&route.via) {
+            // A routed backend's next hop must sit on the route's interface;
+            // a direct backend is wherever the kernel found it.
+            let entry = if route.oif != 0 {
+                entries.get(&(route.via, route.oif))
+            } else {
+                entries
+                    .range((route.via, 0)..=(route.via, u32::MAX))
+                    .next()
+                    .map(|(_, e)| e)
+            };
+            let (hop, stale) = match entry {
                 Some(Entry::Current(h)) => (*h, false),
                 Some(Entry::Stale(h)) => (*h, true),
                 None => {
@@ -237,8 +274,8 @@ impl NeighbourTable {
 /// `routed` ones are reached through their route's next hop (`ipip`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Wanted {
-    pub direct: Vec<Ipv4Addr>,
-    pub routed: Vec<Ipv4Addr>,
+    pub direct: Vec<IpAddr>,
+    pub routed: Vec<IpAddr>,
 }
 
 impl Wanted {
@@ -250,16 +287,16 @@ impl Wanted {
         self.len() == 0
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Ipv4Addr> {
+    pub fn all(&self) -> impl Iterator<Item = &IpAddr> {
         self.direct.iter().chain(&self.routed)
     }
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Route {
-    via: Ipv4Addr,
+    via: IpAddr,
     oif: u32,
-    src: Option<Ipv4Addr>,
+    src: Option<IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -270,9 +307,13 @@ struct Hop {
 
 /// Makes the kernel resolve (or re-confirm) `addr` by sending it an empty
 /// datagram. Failures only mean the next refresh tries again.
-fn provoke(addr: Ipv4Addr) {
-    let sent = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|s| s.send_to(&[], SocketAddrV4::new(addr, DISCARD_PORT)));
+fn provoke(addr: IpAddr) {
+    let any: IpAddr = match addr {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sent = UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| s.send_to(&[], SocketAddr::new(addr, DISCARD_PORT)));
     if let Err(e) = sent {
         tracing::debug!(%addr, error = %e, "could not provoke neighbour resolution");
     }

@@ -9,13 +9,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use lb_common::{
-    BACKEND_F_ICMP_TOO_BIG, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_IPIP,
-    FORWARD_L2, GlobalConfig, TABLE_HALVES, Traffic, VipEntry, VipKey,
+    BACKEND_F_ICMP_TOO_BIG, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, BackendEntry, FORWARD_IP6,
+    FORWARD_IPIP, FORWARD_L2, GlobalConfig, TABLE_HALVES, Traffic, VipEntry, VipKey, addr_key,
+    key_addr,
 };
 
 use crate::{
@@ -40,27 +41,23 @@ pub struct Neighbour {
     /// The MAC of the interface `ifindex`.
     pub src_mac: [u8; 6],
     /// The route's preferred source address (the default outer source).
-    pub src_addr: Option<Ipv4Addr>,
+    pub src_addr: Option<IpAddr>,
     /// MTU of the interface `ifindex` (0 if unknown).
     pub mtu: u32,
 }
 
-pub type Neighbours = BTreeMap<Ipv4Addr, Neighbour>;
+pub type Neighbours = BTreeMap<IpAddr, Neighbour>;
 
 /// Health of each (VIP, backend); a backend not listed counts as up.
-pub type Health = BTreeMap<(VipKey, Ipv4Addr), bool>;
+pub type Health = BTreeMap<(VipKey, IpAddr), bool>;
 
 pub fn vip_key(vip: &Vip) -> VipKey {
     VipKey {
-        addr: u32::from_ne_bytes(vip.address.octets()),
+        addr: addr_key(vip.address),
         port: vip.port.to_be(),
         proto: vip.protocol.number(),
         _pad: 0,
     }
-}
-
-fn addr_of(word: &u32) -> Ipv4Addr {
-    Ipv4Addr::from(word.to_ne_bytes())
 }
 
 /// What one VIP should look like given backend health.
@@ -69,13 +66,13 @@ pub struct VipPlan {
     /// Backends that take new flows (the Maglev table's input), sorted.
     pub members: Vec<Weighted>,
     /// Backends whose established flows stay.
-    pub keep_flows: BTreeSet<Ipv4Addr>,
+    pub keep_flows: BTreeSet<IpAddr>,
     /// No active backend is healthy.
     pub all_down: bool,
 }
 
 /// Applies the backend states, health and the VIP's all-down policy.
-pub fn plan_vip(vip: &Vip, up: impl Fn(Ipv4Addr) -> bool) -> VipPlan {
+pub fn plan_vip(vip: &Vip, up: impl Fn(IpAddr) -> bool) -> VipPlan {
     let active = |b: &&crate::config::Backend| b.state == BackendState::Active;
     let all_down = !vip.backends.iter().filter(active).any(|b| up(b.address));
     let fail_open = all_down && vip.on_all_down == OnAllDown::FailOpen;
@@ -128,7 +125,7 @@ struct AppliedVip {
     /// The hash seed the active table was built with.
     seed: u32,
     /// Each member's fraction of the active table's slots.
-    shares: BTreeMap<Ipv4Addr, f64>,
+    shares: BTreeMap<IpAddr, f64>,
     /// When the VIP entry last switched halves.
     swapped_at: Option<Instant>,
 }
@@ -165,7 +162,7 @@ fn quarantined(
 const SWAP_GRACE: Duration = Duration::from_millis(1);
 
 /// Every (VIP, backend) pair of `config`.
-pub fn backend_keys(config: &Config) -> BTreeSet<(VipKey, Ipv4Addr)> {
+pub fn backend_keys(config: &Config) -> BTreeSet<(VipKey, IpAddr)> {
     config
         .vips
         .iter()
@@ -194,7 +191,7 @@ pub enum ReconcileError {
 pub struct VipTraffic {
     pub name: String,
     pub total: Traffic,
-    pub backends: Vec<(Ipv4Addr, Traffic)>,
+    pub backends: Vec<(IpAddr, Traffic)>,
 }
 
 /// What a table swap did, for logs, metrics and latency measurements.
@@ -222,7 +219,7 @@ pub struct Reconciler<D> {
     max_vips: u32,
     global: Option<GlobalConfig>,
     vips: BTreeMap<VipKey, AppliedVip>,
-    backend_ids: BTreeMap<(VipKey, Ipv4Addr), u32>,
+    backend_ids: BTreeMap<(VipKey, IpAddr), u32>,
     backends: BTreeMap<u32, BackendEntry>,
     /// Generation to give the next id allocation.
     next_generation: u32,
@@ -238,7 +235,7 @@ pub struct Reconciler<D> {
 fn vip_filter<'a>(keys: impl IntoIterator<Item = &'a VipKey>) -> VipFilter {
     let mut words = [0u64; lb_common::VIP_FILTER_WORDS as usize];
     for k in keys {
-        let (w, bit) = lb_common::vip_filter_bit(k.addr);
+        let (w, bit) = lb_common::vip_filter_bit_of(key_addr(k.addr));
         words[w as usize] |= bit;
     }
     words
@@ -294,7 +291,7 @@ impl<D: Dataplane> Reconciler<D> {
             let Some(&vip) = by_id.get(&entry.vip_id) else {
                 continue;
             };
-            let addr = addr_of(&entry.addr);
+            let addr = key_addr(entry.addr);
             r.backend_ids.insert((vip, addr), id);
             r.backends.insert(id, entry);
             health.insert((vip, addr), entry.flags & BACKEND_F_HEALTHY != 0);
@@ -314,7 +311,7 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// The backend id of `addr` in VIP `key`, if it has one.
-    pub fn backend_id_of(&self, key: &VipKey, addr: Ipv4Addr) -> Option<u32> {
+    pub fn backend_id_of(&self, key: &VipKey, addr: IpAddr) -> Option<u32> {
         self.backend_ids.get(&(*key, addr)).copied()
     }
 
@@ -384,9 +381,9 @@ impl<D: Dataplane> Reconciler<D> {
     /// names one is re-placed) and frees their ids.
     fn release_backends(
         &mut self,
-        gone: impl Fn(&(VipKey, Ipv4Addr)) -> bool,
+        gone: impl Fn(&(VipKey, IpAddr)) -> bool,
     ) -> Result<(), ReconcileError> {
-        let stale: Vec<((VipKey, Ipv4Addr), u32)> = self
+        let stale: Vec<((VipKey, IpAddr), u32)> = self
             .backend_ids
             .iter()
             .filter(|(k, _)| gone(k))
@@ -417,7 +414,7 @@ impl<D: Dataplane> Reconciler<D> {
     /// is first written with the new generation and no flags: the program
     /// copies entries without locks, so a packet could otherwise combine the
     /// old generation with the new flags and keep a dead backend's flow.
-    fn backend_id(&mut self, key: VipKey, addr: Ipv4Addr) -> Result<(u32, u32), ReconcileError> {
+    fn backend_id(&mut self, key: VipKey, addr: IpAddr) -> Result<(u32, u32), ReconcileError> {
         if let Some(&id) = self.backend_ids.get(&(key, addr)) {
             let generation = self.backends.get(&id).map_or(0, |e| e.generation);
             return Ok((id, generation));
@@ -432,14 +429,14 @@ impl<D: Dataplane> Reconciler<D> {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let placeholder = BackendEntry {
-            addr: 0,
+            addr: [0; 16],
             dst_mac: [0; 6],
             src_mac: [0; 6],
             ifindex: 0,
             flags: 0,
             vip_id: NO_VIP,
             forwarding: 0,
-            encap_src: 0,
+            encap_src: [0; 16],
             mtu: 0,
             generation,
         };
@@ -472,24 +469,26 @@ impl<D: Dataplane> Reconciler<D> {
                 id
             }
         };
-        let forwarding = match vip.forwarding {
-            Forwarding::L2 => FORWARD_L2,
-            Forwarding::Ipip => FORWARD_IPIP,
-        };
-
         // Backend entries first: a table may only name ids whose entry exists.
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
             let (id, generation) = self.backend_id(key, b.address)?;
+            // The outer header is of the backend's family (config validation
+            // keeps IPv6 VIPs off IPv4 backends).
+            let forwarding = match (vip.forwarding, b.address) {
+                (Forwarding::L2, _) => FORWARD_L2,
+                (Forwarding::Ipip, IpAddr::V4(_)) => FORWARD_IPIP,
+                (Forwarding::Ipip, IpAddr::V6(_)) => FORWARD_IP6,
+            };
             let mut entry = BackendEntry {
-                addr: u32::from_ne_bytes(b.address.octets()),
+                addr: addr_key(b.address),
                 dst_mac: [0; 6],
                 src_mac: [0; 6],
                 ifindex: 0,
                 flags: 0,
                 vip_id,
                 forwarding,
-                encap_src: 0,
+                encap_src: [0; 16],
                 mtu: 0,
                 generation,
             };
@@ -501,7 +500,7 @@ impl<D: Dataplane> Reconciler<D> {
                 // An IPIP backend is usable only with an outer source address.
                 let src = vip.encap_source.or(n.src_addr);
                 if let Some(src) = src {
-                    entry.encap_src = u32::from_ne_bytes(src.octets());
+                    entry.encap_src = addr_key(src);
                 }
                 if vip.forwarding == Forwarding::L2 || src.is_some() {
                     entry.flags |= BACKEND_F_RESOLVED;
@@ -598,7 +597,7 @@ impl<D: Dataplane> Reconciler<D> {
     }
 
     /// Fraction of the VIP's active table each backend holds.
-    pub fn shares(&self, key: &VipKey) -> BTreeMap<Ipv4Addr, f64> {
+    pub fn shares(&self, key: &VipKey) -> BTreeMap<IpAddr, f64> {
         self.vips
             .get(key)
             .map(|a| a.shares.clone())
@@ -610,7 +609,7 @@ impl<D: Dataplane> Reconciler<D> {
         &self,
         counters: &Counters,
         key: &VipKey,
-    ) -> (Traffic, BTreeMap<Ipv4Addr, Traffic>) {
+    ) -> (Traffic, BTreeMap<IpAddr, Traffic>) {
         let total = self
             .vips
             .get(key)
@@ -618,7 +617,7 @@ impl<D: Dataplane> Reconciler<D> {
             .unwrap_or_default();
         let backends = self
             .backend_ids
-            .range((*key, Ipv4Addr::UNSPECIFIED)..=(*key, Ipv4Addr::BROADCAST))
+            .range((*key, IpAddr::from([0u8; 4]))..=(*key, IpAddr::from([0xffu8; 16])))
             .map(|(&(_, addr), &id)| {
                 (
                     addr,
@@ -696,8 +695,8 @@ mod tests {
         config_with(&backends(&list), "fail_open")
     }
 
-    fn ip(i: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 0, 0, i)
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, i])
     }
 
     fn neighbours() -> Neighbours {
@@ -745,7 +744,7 @@ mod tests {
 
     /// The backend address each slot of the first VIP's table leads to, as
     /// the pure builder gives it (all backends healthy).
-    fn planned_addresses(c: &Config) -> Vec<Option<Ipv4Addr>> {
+    fn planned_addresses(c: &Config) -> Vec<Option<IpAddr>> {
         let (_, table) = &plan(c)[0];
         table
             .slots
@@ -755,12 +754,12 @@ mod tests {
     }
 
     /// The backend address each slot of the VIP's active table leads to.
-    fn active_addresses(r: &Reconciler<FakeDataplane>, vip: &Vip) -> Vec<Option<Ipv4Addr>> {
+    fn active_addresses(r: &Reconciler<FakeDataplane>, vip: &Vip) -> Vec<Option<IpAddr>> {
         let dp = r.dataplane();
         dp.active_table(&vip_key(vip))
             .expect("table written")
             .iter()
-            .map(|id| dp.backends.get(id).map(|e| addr_of(&e.addr)))
+            .map(|id| dp.backends.get(id).map(|e| key_addr(e.addr)))
             .collect()
     }
 
@@ -978,7 +977,7 @@ mod tests {
         );
         r.apply(&c2, &all_up(), &neighbours()).unwrap();
         let reused = r.dataplane().backends[&id];
-        assert_eq!(addr_of(&reused.addr), ip(14));
+        assert_eq!(key_addr(reused.addr), ip(14));
         assert_ne!(reused.generation, old.generation);
     }
 
@@ -1068,7 +1067,7 @@ mod tests {
             .dataplane()
             .backends
             .values()
-            .find(|e| addr_of(&e.addr) == ip(14))
+            .find(|e| key_addr(e.addr) == ip(14))
             .unwrap();
         assert!(new.generation > max_before);
     }
@@ -1093,7 +1092,7 @@ mod tests {
         r.apply(&moved, &all_up(), &Neighbours::new()).unwrap();
         let log = &r.dataplane().log[mark..];
         let written = &r.dataplane().vip_filters[filters..];
-        let new_vip = Ipv4Addr::new(192, 0, 2, 10);
+        let new_vip = IpAddr::from([192, 0, 2, 10]);
         // Widened to both VIPs before any VIP entry changes...
         let first_vip_change = log.iter().position(|l| l.contains("_vip ")).unwrap();
         assert_eq!(

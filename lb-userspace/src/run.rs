@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -56,6 +56,7 @@ pub fn sizes(config: &Config) -> Sizes {
         table_size: config.table_size,
         max_vips: config.max_vips,
         max_flows: config.max_flows,
+        max_flows_v6: config.max_flows_v6,
     }
 }
 
@@ -71,7 +72,7 @@ struct Daemon {
     ready: Arc<AtomicBool>,
     attached: bool,
     /// New-flow counters at the previous scrape (the skew window's start).
-    scraped_new_flows: BTreeMap<(VipKey, Ipv4Addr), u64>,
+    scraped_new_flows: BTreeMap<(VipKey, IpAddr), u64>,
 }
 
 pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Result<()> {
@@ -302,7 +303,7 @@ impl Daemon {
             error!(
                 %trigger,
                 "reload rejected: interface, xdp_mode, table_size, max_vips, flow_table.max_flows, \
-                 pin_path and admin.listen are fixed while lb runs; the running config stays"
+                 flow_table.max_flows_v6, pin_path and admin.listen are fixed while lb runs; the running config stays"
             );
             self.metrics.reloaded(false);
             return;

@@ -4,7 +4,7 @@
 //! request; served as JSON by `/status`, rendered by `/metrics` and printed by
 //! `lb status`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{Stat, VipKey};
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,7 @@ pub struct VipStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub state: String,
     pub up: bool,
     pub weight: u32,
@@ -61,7 +61,7 @@ pub struct BackendStatus {
 }
 
 /// A VIP's counters and its backends', by address.
-pub type VipCounters = (lb_common::Traffic, BTreeMap<Ipv4Addr, lb_common::Traffic>);
+pub type VipCounters = (lb_common::Traffic, BTreeMap<IpAddr, lb_common::Traffic>);
 
 /// The inputs the daemon holds; `traffic` gives a VIP's counters and its
 /// backends' by address, `shares` each backend's table share.
@@ -72,9 +72,9 @@ pub struct Inputs<'a> {
     pub attached: bool,
     pub ready: bool,
     pub traffic: &'a dyn Fn(&VipKey) -> VipCounters,
-    pub shares: &'a dyn Fn(&VipKey) -> BTreeMap<Ipv4Addr, f64>,
+    pub shares: &'a dyn Fn(&VipKey) -> BTreeMap<IpAddr, f64>,
     /// New-flow counts at the previous scrape, for the skew window.
-    pub previous_new_flows: &'a BTreeMap<(VipKey, Ipv4Addr), u64>,
+    pub previous_new_flows: &'a BTreeMap<(VipKey, IpAddr), u64>,
 }
 
 pub fn build(i: &Inputs) -> Status {
@@ -88,7 +88,7 @@ pub fn build(i: &Inputs) -> Status {
         .iter()
         .map(|v| {
             let key = vip_key(v);
-            let up = |a: Ipv4Addr| i.health.get(&(key, a)).copied().unwrap_or(true);
+            let up = |a: IpAddr| i.health.get(&(key, a)).copied().unwrap_or(true);
             let plan = plan_vip(v, up);
             let (total, per_backend) = (i.traffic)(&key);
             let shares = (i.shares)(&key);
@@ -238,7 +238,7 @@ pub fn skew(deltas: &[(f64, f64)]) -> Option<f64> {
 }
 
 /// The new-flow counters of `status`, for the next skew window.
-pub fn new_flows(status: &Status, config: &Config) -> BTreeMap<(VipKey, Ipv4Addr), u64> {
+pub fn new_flows(status: &Status, config: &Config) -> BTreeMap<(VipKey, IpAddr), u64> {
     config
         .vips
         .iter()

@@ -210,12 +210,12 @@ impl LbInstance {
             .chain(routed)
             .map(|(b, mac, src_addr)| {
                 (
-                    b,
+                    b.into(),
                     Neighbour {
                         ifindex: 1,
                         mac,
                         src_mac: LB_MAC,
-                        src_addr,
+                        src_addr: src_addr.map(Into::into),
                         mtu: if src_addr.is_some() { 1500 } else { 0 },
                     },
                 )
@@ -500,7 +500,7 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
             config.max_vips,
         );
         let neighbours = Neighbours::from([(
-            gen_addr,
+            gen_addr.into(),
             Neighbour {
                 ifindex,
                 mac: gen_mac,
@@ -632,7 +632,7 @@ pub fn maglev_builds(s: &Settings) -> Vec<MaglevBuild> {
         for n in [10usize, 100, 1000] {
             let backends: Vec<Weighted> = (0..n)
                 .map(|i| Weighted {
-                    address: Ipv4Addr::from(0x0a00_0000 + i as u32 * 7919),
+                    address: Ipv4Addr::from(0x0a00_0000 + i as u32 * 7919).into(),
                     weight: 1,
                 })
                 .collect();
@@ -679,7 +679,7 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
     let neighbours = Neighbours::new();
     r.apply(&config, &Health::new(), &neighbours)?;
     let key = vip_key(&config.vips[0]);
-    let down = Health::from([((key, Ipv4Addr::from(0x0a01_0000u32 + 7)), false)]);
+    let down = Health::from([((key, Ipv4Addr::from(0x0a01_0000u32 + 7).into()), false)]);
     let mut ms = Vec::new();
     for i in 0..(4 * s.maglev_runs + 1) {
         let health = if i % 2 == 0 { &down } else { &Health::new() };
@@ -743,6 +743,7 @@ pub fn run(s: &Settings) -> anyhow::Result<Report> {
         table_size: 65537,
         max_vips: 16,
         max_flows: 262_144,
+        max_flows_v6: 262_144,
     };
     let mut memory = vec![self::memory("default", default_sizes)?];
     if s.largest_memory {
@@ -750,6 +751,7 @@ pub fn run(s: &Settings) -> anyhow::Result<Report> {
             table_size: 655_373,
             max_vips: lb_common::MAX_VIPS,
             max_flows: 16_777_216,
+            max_flows_v6: 16_777_216,
         };
         memory.push(self::memory("largest", largest)?);
     }

@@ -2,15 +2,18 @@
 //! BPF_PROG_TEST_RUN, with maps filled by the real control-plane code
 //! (Reconciler over AyaDataplane), and builds the test packets.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
     programs::{TestRun as _, TestRunOptions},
 };
-use etherparse::PacketBuilder;
-use lb_common::hash::flow_hash_v4;
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
+use lb_common::hash::{flow_hash_v4, flow_hash_v6};
 use lb_userspace::{
     config::{Config, Vip},
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
@@ -22,17 +25,21 @@ use lb_userspace::{
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
 
-/// The MAC the tests give backend `a` (derived from its address).
-pub fn backend_mac(a: Ipv4Addr) -> [u8; 6] {
-    let o = a.octets();
-    [0x02, 0xbe, o[0], o[1], o[2], o[3]]
+/// The MAC the tests give backend `a` (derived from its last four bytes,
+/// the family in the second).
+pub fn backend_mac(a: impl Into<IpAddr>) -> [u8; 6] {
+    let a = a.into();
+    let o = lb_common::addr_key(a);
+    let family = if a.is_ipv6() { 0xb6 } else { 0xbe };
+    [0x02, family, o[12], o[13], o[14], o[15]]
 }
 
 /// Neighbour entries for `addrs`, all reached through `ifindex`.
-pub fn neighbours(addrs: impl IntoIterator<Item = Ipv4Addr>, ifindex: u32) -> Neighbours {
+pub fn neighbours<A: Into<IpAddr>>(addrs: impl IntoIterator<Item = A>, ifindex: u32) -> Neighbours {
     addrs
         .into_iter()
         .map(|a| {
+            let a = a.into();
             (
                 a,
                 Neighbour {
@@ -102,7 +109,7 @@ impl Harness {
 
     /// The backend a packet forwarded by the program was sent to, read back
     /// from its destination MAC.
-    pub fn backend_of(&self, out: &Outcome) -> Option<Ipv4Addr> {
+    pub fn backend_of(&self, out: &Outcome) -> Option<IpAddr> {
         self.neighbours
             .iter()
             .find(|(_, n)| out.packet.get(..6) == Some(&n.mac[..]))
@@ -116,7 +123,7 @@ impl Harness {
     /// The backend the userspace-built table gives the flow, computed without
     /// the program: the flow hash from lb-common, the table from the Maglev
     /// builder.
-    pub fn expected_backend(&self, vip: &Vip, src: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    pub fn expected_backend(&self, vip: &Vip, src: impl Into<IpAddr>, sport: u16) -> IpAddr {
         expected_backend(&self.config, vip, src, sport)
     }
 }
@@ -142,30 +149,49 @@ pub fn run_packet(ebpf: &mut Ebpf, packet: &[u8]) -> anyhow::Result<Outcome> {
 /// The backend `config`'s table for `vip` (all backends healthy) gives a new
 /// flow from `src:sport`, computed without the program: the flow hash from
 /// lb-common, the table from the Maglev builder.
-pub fn expected_backend(config: &Config, vip: &Vip, src: Ipv4Addr, sport: u16) -> Ipv4Addr {
-    {
-        let hash = flow_hash_v4(
-            src.to_bits(),
-            vip.address.to_bits(),
-            sport,
-            vip.port,
-            vip.protocol.number(),
-            config.seed,
-        );
-        let (_, table) = reconcile::plan(config)
-            .into_iter()
-            .find(|(v, _)| v.name == vip.name)
-            .expect("VIP is in the config");
-        let slot = table.slots[(hash % config.table_size) as usize];
-        table.backends[slot as usize].address
+pub fn expected_backend(
+    config: &Config,
+    vip: &Vip,
+    src: impl Into<IpAddr>,
+    sport: u16,
+) -> IpAddr {
+    let hash = flow_hash(src.into(), vip.address, sport, vip.port, vip.protocol.number(), config.seed);
+    let (_, table) = reconcile::plan(config)
+        .into_iter()
+        .find(|(v, _)| v.name == vip.name)
+        .expect("VIP is in the config");
+    let slot = table.slots[(hash % config.table_size) as usize];
+    table.backends[slot as usize].address
+}
+
+/// The flow hash of a 5-tuple of either family, from lb-common.
+pub fn flow_hash(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            flow_hash_v4(s.to_bits(), d.to_bits(), sport, dport, proto, seed)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            flow_hash_v6(&s.octets(), &d.octets(), sport, dport, proto, seed)
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+}
+
+/// Ethernet from the client MAC to the load balancer's, then an IPv4 or IPv6
+/// header (TTL / hop limit 64) by the addresses' family.
+fn ip(src: impl Into<IpAddr>, dst: impl Into<IpAddr>) -> PacketBuilderStep<IpHeaders> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    match (src.into(), dst.into()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        (s, d) => panic!("{s} and {d} are of different families"),
     }
 }
 
 /// A TCP SYN from the client MAC to the load balancer's MAC.
-pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+pub fn tcp_syn(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
+    ip(src, dst)
         .tcp(sport, dport, 1000, 64240)
         .syn()
         .write(&mut p, &[])
@@ -174,10 +200,9 @@ pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> 
 }
 
 /// A TCP ACK carrying data: a packet in the middle of a connection.
-pub fn tcp_ack(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+pub fn tcp_ack(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
+    ip(src, dst)
         .tcp(sport, dport, 2000, 64240)
         .ack(7000)
         .write(&mut p, b"data")
@@ -186,10 +211,15 @@ pub fn tcp_ack(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> 
 }
 
 /// A UDP datagram from the client MAC to the load balancer's MAC.
-pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub fn udp(
+    src: impl Into<IpAddr>,
+    sport: u16,
+    dst: impl Into<IpAddr>,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut p = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv4(src.octets(), dst.octets(), 64)
+    ip(src, dst)
         .udp(sport, dport)
         .write(&mut p, payload)
         .expect("build UDP");
@@ -213,22 +243,27 @@ pub fn tcp_syn_with_ip_options(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: 
     p
 }
 
-/// An IPv6 TCP SYN (IPv6 VIPs do not exist yet: it must pass).
-pub fn tcp6_syn(sport: u16, dport: u16) -> Vec<u8> {
-    let mut p = Vec::new();
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..2].copy_from_slice(&[0xfd, 0x00]);
-    src[15] = 2;
-    dst[..2].copy_from_slice(&[0xfd, 0x00]);
-    dst[15] = 100;
-    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(sport, dport, 1000, 64240)
-        .syn()
-        .write(&mut p, &[])
-        .expect("build TCPv6");
-    p
+/// `packet` (Ethernet + IPv6) with `headers` inserted as IPv6 extension
+/// headers between the IPv6 header and its payload: `(next header, bytes)`
+/// pairs whose bytes start with a placeholder next-header byte, which is
+/// chained here. The payload's checksum is not touched (the load balancer
+/// never reads it).
+pub fn with_ipv6_extensions(packet: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    const IP: usize = 14;
+    let (front, payload) = packet.split_at(IP + 40);
+    let mut out = front.to_vec();
+    let mut next = out[IP + 6];
+    for (kind, bytes) in headers.iter().rev() {
+        let mut h = bytes.clone();
+        h[0] = next;
+        next = *kind;
+        out.splice(IP + 40..IP + 40, h);
+    }
+    out[IP + 6] = next;
+    out.extend_from_slice(payload);
+    let payload_len = (out.len() - IP - 40) as u16;
+    out[IP + 4..IP + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out
 }
 
 /// An ARP request from the client asking for `target`.

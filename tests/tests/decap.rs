@@ -9,7 +9,10 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::{IpNumber, PacketBuilder};
-use lb_common::decap::{DECAP_PROGRAM, DecapStat, DecapStats, addr_key, map_names};
+use lb_common::{
+    addr_key,
+    decap::{DECAP_PROGRAM, DecapStat, DecapStats, map_names},
+};
 use lb_tests::root::root_or_skip;
 use lb_userspace::loader::DECAP_OBJECT;
 

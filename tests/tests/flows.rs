@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -26,8 +26,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 const TEST_RUN_IFINDEX: u32 = 1;
 
-fn ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 77, 0, i)
+fn ip(i: u8) -> IpAddr {
+    IpAddr::from([10, 77, 0, i])
 }
 
 /// `web` (TCP) and `dns` (UDP) over the given `(last octet, state)` backends.
@@ -57,7 +57,7 @@ fn harness(test: &str, backends: &[(u8, &str)]) -> Option<Harness> {
 const THREE: [(u8, &str); 3] = [(11, "active"), (12, "active"), (13, "active")];
 
 /// Opens `n` TCP flows (SYN) from ports `base..`; returns each port's backend.
-fn open_flows(h: &mut Harness, base: u16, n: u16) -> BTreeMap<u16, Ipv4Addr> {
+fn open_flows(h: &mut Harness, base: u16, n: u16) -> BTreeMap<u16, IpAddr> {
     (base..base + n)
         .map(|sport| {
             let out = h.run(&tcp_syn(CLIENT, sport, VIP, 80)).unwrap();
@@ -68,7 +68,7 @@ fn open_flows(h: &mut Harness, base: u16, n: u16) -> BTreeMap<u16, Ipv4Addr> {
 }
 
 /// Sends one mid-connection packet per flow; returns each port's backend.
-fn continue_flows(h: &mut Harness, flows: &BTreeMap<u16, Ipv4Addr>) -> BTreeMap<u16, Ipv4Addr> {
+fn continue_flows(h: &mut Harness, flows: &BTreeMap<u16, IpAddr>) -> BTreeMap<u16, IpAddr> {
     flows
         .keys()
         .map(|&sport| {
@@ -366,7 +366,7 @@ fn table_swaps_are_atomic_under_traffic() {
         }
         // Active while the packet ran: state `before`, or the one being
         // applied (its VIP entry may already point at the new half).
-        let valid: Vec<Ipv4Addr> = (before..=before + 1)
+        let valid: Vec<IpAddr> = (before..=before + 1)
             .map(|s| expected_backend(&tables[s % 3], &tables[s % 3].vips[0], client, sport))
             .collect();
         let got = valid

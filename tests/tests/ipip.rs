@@ -2,7 +2,7 @@
 //! packet unchanged, and the no-neighbour and too-big paths, through
 //! BPF_PROG_TEST_RUN. Needs root.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{IpNumber, Ipv4Header};
 use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
@@ -45,12 +45,12 @@ fn routed(mtu: u32) -> Neighbours {
         .iter()
         .map(|&b| {
             (
-                b,
+                b.into(),
                 Neighbour {
                     ifindex: 1,
                     mac: ROUTER_MAC,
                     src_mac: LB_MAC,
-                    src_addr: Some(ROUTE_SRC),
+                    src_addr: Some(ROUTE_SRC.into()),
                     mtu,
                 },
             )
@@ -66,7 +66,10 @@ fn harness(test: &str, encap_source: Option<Ipv4Addr>, neighbours: &Neighbours) 
 }
 
 /// What the program must produce for `input` sent to `backend` from `src`.
-fn expected(input: &[u8], src: Ipv4Addr, backend: Ipv4Addr) -> Vec<u8> {
+fn expected(input: &[u8], src: Ipv4Addr, backend: IpAddr) -> Vec<u8> {
+    let IpAddr::V4(backend) = backend else {
+        panic!("{backend} is not an IPv4 backend");
+    };
     let inner = &input[14..];
     let mut outer = Ipv4Header::new(
         inner.len() as u16,

@@ -1,13 +1,16 @@
 //! Packet tier: the verifier-loaded XDP program run with BPF_PROG_TEST_RUN,
 //! asserting verdicts, exact output bytes and exact counters. Needs root.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use lb_common::{STAT_COUNT, Stat};
 use lb_tests::{
     packet::{
-        Harness, LB_MAC, arp_request, backend_mac, neighbours, tcp_syn, tcp_syn_with_ip_options,
-        tcp6_syn, udp,
+        Harness, LB_MAC, arp_request, backend_mac, neighbours, tcp_ack, tcp_syn,
+        tcp_syn_with_ip_options, udp, with_ipv6_extensions,
     },
     root::root_or_skip,
 };
@@ -24,6 +27,13 @@ const B: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 77, 0, 11),
     Ipv4Addr::new(10, 77, 0, 12),
     Ipv4Addr::new(10, 77, 0, 13),
+];
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
+const B6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x13),
 ];
 /// BPF_PROG_TEST_RUN runs the program as if received on loopback (ifindex 1).
 const TEST_RUN_IFINDEX: u32 = 1;
@@ -50,13 +60,31 @@ vips:
     backends:
       - { address: 10.77.0.11, weight: 1 }
       - { address: 10.77.0.12, weight: 1 }
+  - name: web6
+    address: fd00:77::100
+    port: 80
+    protocol: tcp
+    forwarding: l2
+    backends:
+      - { address: "fd00:77::11", weight: 1 }
+      - { address: "fd00:77::12", weight: 1 }
+      - { address: "fd00:77::13", weight: 2 }
+  - name: dns6
+    address: fd00:77::100
+    port: 53
+    protocol: udp
+    forwarding: l2
+    backends:
+      - { address: "fd00:77::11", weight: 1 }
+      - { address: "fd00:77::12", weight: 1 }
 "#;
 
 fn harness(test: &str) -> Option<Harness> {
     if !root_or_skip(test) {
         return None;
     }
-    Some(Harness::new(CONFIG, &neighbours(B, TEST_RUN_IFINDEX)).expect("load and configure"))
+    let all = B.map(IpAddr::from).into_iter().chain(B6.map(IpAddr::from));
+    Some(Harness::new(CONFIG, &neighbours(all, TEST_RUN_IFINDEX)).expect("load and configure"))
 }
 
 /// Counter values that must hold exactly: every `Stat` not listed must be 0.
@@ -70,7 +98,7 @@ fn assert_stats(h: &Harness, expected: &[(Stat, u64)]) {
 
 /// Asserts the program forwarded `input` with XDP_TX to `backend`: new
 /// destination and source MACs, every other byte unchanged.
-fn assert_forwarded(out: &lb_tests::packet::Outcome, input: &[u8], backend: Ipv4Addr) {
+fn assert_forwarded(out: &lb_tests::packet::Outcome, input: &[u8], backend: IpAddr) {
     assert_eq!(out.action, XDP_TX, "verdict");
     assert_eq!(out.packet.len(), input.len());
     let mut expected = input.to_vec();
@@ -84,14 +112,28 @@ fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
     let Some(mut h) = harness("tcp_syn_to_a_vip") else {
         return;
     };
-    let web = h.config.vips[0].clone();
+    syns_go_where_the_table_says(&mut h, "web", CLIENT.into());
+}
+
+#[test]
+fn ipv6_tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
+    let Some(mut h) = harness("tcp6_syn_to_a_vip") else {
+        return;
+    };
+    syns_go_where_the_table_says(&mut h, "web6", CLIENT6.into());
+}
+
+/// 300 SYNs from `client` to VIP `name`: each goes to the backend the
+/// userspace table names, and every counter agrees.
+fn syns_go_where_the_table_says(h: &mut Harness, name: &str, client: IpAddr) {
+    let web = h.config.vips.iter().find(|v| v.name == name).unwrap().clone();
     let mut per_backend = BTreeMap::new();
     let n = 300u64;
     let mut bytes = 0;
     for sport in 40000..40000 + n as u16 {
-        let input = tcp_syn(CLIENT, sport, VIP, 80);
+        let input = tcp_syn(client, sport, web.address, 80);
         bytes += input.len() as u64;
-        let expected = h.expected_backend(&web, CLIENT, sport);
+        let expected = h.expected_backend(&web, client, sport);
         let out = h.run(&input).unwrap();
         assert_forwarded(&out, &input, expected);
         *per_backend.entry(expected).or_insert(0u64) += 1;
@@ -101,9 +143,9 @@ fn tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
         3,
         "all three backends get flows: {per_backend:?}"
     );
-    assert_stats(&h, &[(Stat::ActionTx, n), (Stat::FlowMissSyn, n)]);
+    assert_stats(h, &[(Stat::ActionTx, n), (Stat::FlowMissSyn, n)]);
     let traffic = h.reconciler.traffic(&h.counters().unwrap());
-    let web_traffic = traffic.iter().find(|v| v.name == "web").unwrap();
+    let web_traffic = traffic.iter().find(|v| v.name == name).unwrap();
     assert_eq!(
         (web_traffic.total.packets, web_traffic.total.bytes),
         (n, bytes)
@@ -141,6 +183,188 @@ fn udp_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
     }
     assert_eq!(seen.len(), 2);
     assert_stats(&h, &[(Stat::ActionTx, 200), (Stat::FlowMissSyn, 200)]);
+}
+
+/// IPv6 UDP goes where the table says, and the rest of an IPv6 TCP
+/// connection follows its SYN through the IPv6 flow table.
+#[test]
+fn ipv6_udp_and_established_tcp_follow_the_table_and_the_flow_table() {
+    let Some(mut h) = harness("udp6_and_established") else {
+        return;
+    };
+    let dns6 = h.config.vips[3].clone();
+    let web6 = h.config.vips[2].clone();
+    assert_eq!((dns6.name.as_str(), web6.name.as_str()), ("dns6", "web6"));
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 1024..1124u16 {
+        let input = udp(CLIENT6, sport, VIP6, 53, b"query");
+        let expected = h.expected_backend(&dns6, CLIENT6, sport);
+        assert_forwarded(&h.run(&input).unwrap(), &input, expected);
+        seen.insert(expected);
+    }
+    assert_eq!(seen, B6[..2].iter().map(|&b| IpAddr::from(b)).collect());
+    for sport in 50000..50050u16 {
+        let syn = tcp_syn(CLIENT6, sport, VIP6, 80);
+        let backend = h.expected_backend(&web6, CLIENT6, sport);
+        assert_forwarded(&h.run(&syn).unwrap(), &syn, backend);
+        let ack = tcp_ack(CLIENT6, sport, VIP6, 80);
+        assert_forwarded(&h.run(&ack).unwrap(), &ack, backend);
+    }
+    assert_stats(
+        &h,
+        &[
+            (Stat::ActionTx, 200),
+            (Stat::FlowMissSyn, 150),
+            (Stat::FlowHit, 50),
+        ],
+    );
+}
+
+/// An 8-byte IPv6 extension header of type `kind` (its next-header byte is
+/// filled in by `with_ipv6_extensions`), followed by `extra` 8-byte units.
+fn ext(kind: u8, bytes: [u8; 7], extra: u8) -> (u8, Vec<u8>) {
+    let mut h = vec![0u8; 8 + 8 * extra as usize];
+    h[1..8].copy_from_slice(&bytes);
+    if kind != 44 {
+        h[1] = extra;
+    }
+    (kind, h)
+}
+
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DEST_OPTIONS: u8 = 60;
+/// PadN option covering the rest of an 8-byte options header.
+const PADN: [u8; 7] = [0, 1, 4, 0, 0, 0, 0];
+
+#[test]
+fn ipv6_extension_headers_are_walked_up_to_four() {
+    let Some(mut h) = harness("ipv6_extensions") else {
+        return;
+    };
+    let web6 = h.config.vips[2].clone();
+    let syn = |sport| tcp_syn(CLIENT6, sport, VIP6, 80);
+    let routing_done = [0, 4, 0, 0, 0, 0, 0]; // type 4, no segments left
+    let atomic_fragment = [0, 0, 0, 0, 0, 0, 1]; // offset 0, M clear
+    let walked: [(u16, Vec<(u8, Vec<u8>)>); 4] = [
+        (41001, vec![ext(HOP_BY_HOP, PADN, 0)]),
+        (41002, vec![ext(DEST_OPTIONS, PADN, 2)]),
+        (41003, vec![ext(FRAGMENT, atomic_fragment, 0)]),
+        (
+            41004,
+            vec![
+                ext(HOP_BY_HOP, PADN, 0),
+                ext(DEST_OPTIONS, PADN, 1),
+                ext(ROUTING, routing_done, 0),
+                ext(FRAGMENT, atomic_fragment, 0),
+            ],
+        ),
+    ];
+    for (sport, headers) in &walked {
+        let input = with_ipv6_extensions(&syn(*sport), headers);
+        let expected = h.expected_backend(&web6, CLIENT6, *sport);
+        assert_forwarded(&h.run(&input).unwrap(), &input, expected);
+    }
+    let five = vec![
+        ext(HOP_BY_HOP, PADN, 0),
+        ext(DEST_OPTIONS, PADN, 0),
+        ext(ROUTING, routing_done, 0),
+        ext(FRAGMENT, atomic_fragment, 0),
+        ext(DEST_OPTIONS, PADN, 0),
+    ];
+    let mut icmp6 = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2; 6], LB_MAC)
+        .ipv6(CLIENT6.octets(), VIP6.octets(), 64)
+        .icmpv6_echo_request(1, 1)
+        .write(&mut icmp6, b"ping")
+        .unwrap();
+    let passed: [(&str, Vec<u8>, Stat); 6] = [
+        (
+            "five extension headers",
+            with_ipv6_extensions(&syn(42001), &five),
+            Stat::PassIpv6ExtHeaders,
+        ),
+        (
+            "a routing header with segments left",
+            with_ipv6_extensions(&syn(42002), &[ext(ROUTING, [0, 4, 1, 0, 0, 0, 0], 0)]),
+            Stat::PassIpv6ExtHeaders,
+        ),
+        (
+            "a first fragment",
+            with_ipv6_extensions(&syn(42003), &[ext(FRAGMENT, [0, 0, 1, 0, 0, 0, 1], 0)]),
+            Stat::PassFragment,
+        ),
+        (
+            "a later fragment",
+            with_ipv6_extensions(&syn(42004), &[ext(FRAGMENT, [0, 0x05, 0x08, 0, 0, 0, 1], 0)]),
+            Stat::PassFragment,
+        ),
+        ("ICMPv6", icmp6, Stat::PassNotTcpUdp),
+        (
+            "ESP after a hop-by-hop header",
+            {
+                let mut p = with_ipv6_extensions(&syn(42005), &[ext(HOP_BY_HOP, PADN, 0)]);
+                p[14 + 40] = 50;
+                p
+            },
+            Stat::PassNotTcpUdp,
+        ),
+    ];
+    for (what, input, _) in &passed {
+        let out = h.run(input).unwrap();
+        assert_eq!(out.action, XDP_PASS, "{what}");
+        assert_eq!(&out.packet, input, "{what} must be untouched");
+    }
+    assert_stats(
+        &h,
+        &[
+            (Stat::ActionTx, 4),
+            (Stat::FlowMissSyn, 4),
+            (Stat::ActionPass, 6),
+            (Stat::PassIpv6ExtHeaders, 2),
+            (Stat::PassFragment, 2),
+            (Stat::PassNotTcpUdp, 2),
+        ],
+    );
+}
+
+/// Every prefix of an IPv6 TCP SYN carrying a hop-by-hop header: cut inside
+/// the IPv6 header or the extension header's first 8 bytes is
+/// `drop_truncated_ip`, later cuts `drop_truncated_l4`; a wrong version is
+/// `drop_bad_ip_header`.
+#[test]
+fn truncated_and_malformed_ipv6_headers_are_dropped_and_counted() {
+    let Some(mut h) = harness("truncated_ipv6") else {
+        return;
+    };
+    let syn = with_ipv6_extensions(
+        &tcp_syn(CLIENT6, 40000, VIP6, 80),
+        &[ext(HOP_BY_HOP, PADN, 1)],
+    );
+    assert_eq!(syn.len(), 14 + 40 + 16 + 20);
+    let mut expected: BTreeMap<Stat, u64> = BTreeMap::new();
+    for cut in 14..syn.len() {
+        let out = h.run(&syn[..cut]).unwrap();
+        assert_eq!(out.action, XDP_DROP, "cut at {cut}");
+        assert_eq!(out.packet, &syn[..cut], "a dropped frame is not modified");
+        let reason = if cut < 14 + 40 + 8 {
+            Stat::DropTruncatedIp
+        } else {
+            Stat::DropTruncatedL4
+        };
+        *expected.entry(reason).or_default() += 1;
+    }
+    let mut version4 = syn.clone();
+    version4[14] = 0x40;
+    assert_eq!(h.run(&version4).unwrap().action, XDP_DROP);
+    assert_eq!(h.run(&syn).unwrap().action, XDP_TX, "the whole packet goes");
+    expected.insert(Stat::DropBadIpHeader, 1);
+    expected.insert(Stat::ActionDrop, (syn.len() - 14) as u64 + 1);
+    expected.insert(Stat::ActionTx, 1);
+    expected.insert(Stat::FlowMissSyn, 1);
+    let expected: Vec<(Stat, u64)> = expected.into_iter().collect();
+    assert_stats(&h, &expected);
 }
 
 #[test]
@@ -199,7 +423,7 @@ fn an_unresolved_backend_is_dropped_never_sent_to_a_zero_mac() {
         let input = tcp_syn(CLIENT, sport, VIP, 80);
         let out = h.run(&input).unwrap();
         if h.expected_backend(&web, CLIENT, sport) == B[0] {
-            assert_forwarded(&out, &input, B[0]);
+            assert_forwarded(&out, &input, B[0].into());
             tx += 1;
         } else {
             assert_eq!(out.action, XDP_DROP);
@@ -249,8 +473,12 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
             udp(CLIENT, 40000, VIP, 80, b"x"),
             Stat::PassNotVip,
         ),
-        ("ARP", arp_request(CLIENT, VIP), Stat::PassNotIpv4),
-        ("IPv6", tcp6_syn(40000, 80), Stat::PassNotIpv4),
+        ("ARP", arp_request(CLIENT, VIP), Stat::PassNotIp),
+        (
+            "IPv6, another address",
+            tcp_syn(CLIENT6, 40000, Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3), 80),
+            Stat::PassNotVip,
+        ),
         ("ICMP", icmp, Stat::PassNotTcpUdp),
         ("fragment", fragment, Stat::PassFragment),
     ];
@@ -263,8 +491,8 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
         &h,
         &[
             (Stat::ActionPass, 7),
-            (Stat::PassNotVip, 3),
-            (Stat::PassNotIpv4, 2),
+            (Stat::PassNotVip, 4),
+            (Stat::PassNotIp, 1),
             (Stat::PassNotTcpUdp, 1),
             (Stat::PassFragment, 1),
         ],

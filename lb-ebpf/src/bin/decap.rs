@@ -14,15 +14,16 @@ use aya_ebpf::{
 };
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::decap::{
-    DECAP_MAX_ADDRS, DecapStat, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6, addr_key,
+use lb_common::{
+    addr_key,
+    decap::{DECAP_MAX_ADDRS, DecapStat, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6},
 };
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-/// This host's addresses (`lb_common::decap::addr_key`): only tunnels
+/// This host's addresses (`lb_common::addr_key`): only tunnels
 /// addressed to one of them are opened. Written by `lb decap`.
 #[map]
 static DECAP_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(DECAP_MAX_ADDRS, 0);

@@ -36,8 +36,8 @@ impl Default for FakeDataplane {
 
 impl FakeDataplane {
     /// Whether `filter` lets the program look further at packets for `addr`.
-    pub fn admits(filter: &VipFilter, addr: std::net::Ipv4Addr) -> bool {
-        let (w, bit) = lb_common::vip_filter_bit(u32::from_ne_bytes(addr.octets()));
+    pub fn admits(filter: &VipFilter, addr: std::net::IpAddr) -> bool {
+        let (w, bit) = lb_common::vip_filter_bit_of(addr);
         filter[w as usize] & bit != 0
     }
 
