@@ -279,3 +279,78 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     p.extend_from_slice(&target.octets());
     p
 }
+
+/// ICMP "fragmentation needed" carrying `mtu` that answers `packet`
+/// (Ethernet + IPv4 without options), as the program must build it, built
+/// independently with etherparse: back to the sender from the address it
+/// wrote to, quoting the IPv4 header and 8 bytes.
+pub fn frag_needed(packet: &[u8], mtu: u16) -> Vec<u8> {
+    let quoted = &packet[14..14 + 28];
+    let (to, from) = (&quoted[12..16], &quoted[16..20]);
+    let icmp = etherparse::Icmpv4Header::with_checksum(
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+        ),
+        quoted,
+    );
+    let mut ip = etherparse::Ipv4Header::new(
+        (icmp.header_len() + quoted.len()) as u16,
+        64,
+        etherparse::IpNumber::ICMP,
+        from.try_into().unwrap(),
+        to.try_into().unwrap(),
+    )
+    .expect("IPv4 header");
+    ip.dont_fragment = true;
+    ip.identification = 0;
+    ip.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
+    ip.header_checksum = ip.calc_header_checksum();
+    answer(packet, 0x0800, &ip.to_bytes(), &icmp.to_bytes(), quoted)
+}
+
+/// ICMPv6 "packet too big" carrying `mtu` that answers `packet` (Ethernet +
+/// IPv6 without extension headers), built the same way: quoting the IPv6
+/// header and 8 bytes.
+pub fn packet_too_big(packet: &[u8], mtu: u32) -> Vec<u8> {
+    let quoted = &packet[14..14 + 48];
+    let to: [u8; 16] = quoted[8..24].try_into().unwrap();
+    let from: [u8; 16] = quoted[24..40].try_into().unwrap();
+    let icmp = etherparse::Icmpv6Header::with_checksum(
+        etherparse::Icmpv6Type::PacketTooBig { mtu },
+        from,
+        to,
+        quoted,
+    )
+    .expect("ICMPv6 header");
+    let ip = etherparse::Ipv6Header {
+        traffic_class: 0,
+        flow_label: etherparse::Ipv6FlowLabel::ZERO,
+        payload_length: (icmp.header_len() + quoted.len()) as u16,
+        next_header: etherparse::IpNumber::IPV6_ICMP,
+        hop_limit: 64,
+        source: from,
+        destination: to,
+    };
+    answer(packet, 0x86dd, &ip.to_bytes(), &icmp.to_bytes(), quoted)
+}
+
+/// An answer frame: Ethernet back to `packet`'s sender, then the parts.
+fn answer(packet: &[u8], ether_type: u16, ip: &[u8], icmp: &[u8], quoted: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&packet[6..12]);
+    p.extend_from_slice(&packet[..6]);
+    p.extend_from_slice(&ether_type.to_be_bytes());
+    p.extend_from_slice(ip);
+    p.extend_from_slice(icmp);
+    p.extend_from_slice(quoted);
+    p
+}
+
+/// Recomputes the IPv4 header checksum of `p` (Ethernet + IPv4) after a
+/// test edited the header.
+pub fn fix_ipv4_checksum(p: &mut [u8]) {
+    let (mut ip, _) = etherparse::Ipv4Header::from_slice(&p[14..]).expect("IPv4 header");
+    ip.header_checksum = ip.calc_header_checksum();
+    let len = ip.header_len();
+    p[14..14 + len].copy_from_slice(&ip.to_bytes());
+}

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use etherparse::{IpNumber, Ipv4Header};
 use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
 use lb_tests::{
-    packet::{Harness, LB_MAC, tcp_syn, tcp_syn_with_ip_options, udp},
+    packet::{Harness, LB_MAC, frag_needed, tcp_syn, tcp_syn_with_ip_options, udp},
     root::root_or_skip,
 };
 use lb_userspace::reconcile::{Neighbour, Neighbours};
@@ -210,37 +210,6 @@ fn a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed()
         ),
         (1, 2, 0)
     );
-}
-
-/// ICMP "fragmentation needed" for `packet`, built independently.
-fn frag_needed(packet: &[u8], mtu: u16) -> Vec<u8> {
-    let quoted = &packet[14..14 + 28];
-    let icmp = etherparse::Icmpv4Header::with_checksum(
-        etherparse::Icmpv4Type::DestinationUnreachable(
-            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
-        ),
-        quoted,
-    );
-    let mut ip = Ipv4Header::new(
-        (icmp.header_len() + quoted.len()) as u16,
-        64,
-        IpNumber::ICMP,
-        VIP.octets(),
-        CLIENT.octets(),
-    )
-    .unwrap();
-    ip.dont_fragment = true;
-    ip.identification = 0;
-    ip.dscp = etherparse::IpDscp::try_new(0xc0 >> 2).unwrap();
-    ip.header_checksum = ip.calc_header_checksum();
-    let mut p = Vec::new();
-    p.extend_from_slice(&packet[6..12]);
-    p.extend_from_slice(&packet[..6]);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    p.extend_from_slice(&ip.to_bytes());
-    p.extend_from_slice(&icmp.to_bytes());
-    p.extend_from_slice(quoted);
-    p
 }
 
 #[test]

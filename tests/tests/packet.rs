@@ -10,7 +10,7 @@ use lb_common::{STAT_COUNT, Stat};
 use lb_tests::{
     packet::{
         Harness, LB_MAC, arp_request, backend_mac, neighbours, tcp_ack, tcp_syn,
-        tcp_syn_with_ip_options, udp, with_ipv6_extensions,
+        fix_ipv4_checksum, tcp_syn_with_ip_options, udp, with_ipv6_extensions,
     },
     root::root_or_skip,
 };
@@ -566,17 +566,4 @@ fn a_malformed_ipv4_header_is_dropped_and_counted() {
         assert_eq!(h.run(p).unwrap().action, XDP_DROP);
     }
     assert_stats(&h, &[(Stat::ActionDrop, 2), (Stat::DropBadIpHeader, 2)]);
-}
-
-fn fix_ipv4_checksum(p: &mut [u8]) {
-    p[24] = 0;
-    p[25] = 0;
-    let mut sum: u32 = p[14..34]
-        .chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
