@@ -1073,6 +1073,53 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_vips_and_backends_get_their_family_s_entries() {
+        let text = format!(
+            "interface: eth0\nmaglev: {{ table_size: {M}, seed: 7 }}\nvips:\n\
+             - name: web6\n  address: 2001:db8::100\n  port: 80\n  protocol: tcp\n  forwarding: ipip\n  backends:\n\
+             \x20   - {{ address: \"2001:db8:1::11\", weight: 1 }}\n\
+             - name: web4\n  address: 10.0.0.100\n  port: 80\n  protocol: tcp\n  forwarding: ipip\n  backends:\n\
+             \x20   - {{ address: \"2001:db8:1::11\", weight: 1 }}\n\
+             - name: l2\n  address: 2001:db8::100\n  port: 53\n  protocol: udp\n  forwarding: l2\n  backends:\n\
+             \x20   - {{ address: 10.0.0.11, weight: 1 }}\n"
+        );
+        let c = Config::parse(&text, Path::new("t.yaml")).expect("valid");
+        let backend: IpAddr = "2001:db8:1::11".parse().unwrap();
+        let source: IpAddr = "2001:db8::3".parse().unwrap();
+        let mut n = neighbours();
+        n.insert(
+            backend,
+            Neighbour {
+                ifindex: 3,
+                mac: [2, 0, 0, 0, 0, 0x66],
+                src_mac: [2; 6],
+                src_addr: Some(source),
+                mtu: 1500,
+            },
+        );
+        let mut r = reconciler();
+        r.apply(&c, &all_up(), &n).unwrap();
+        let entry = |vip: usize, addr: IpAddr| {
+            let id = r.backend_ids[&(vip_key(&c.vips[vip]), addr)];
+            r.dataplane().backends[&id]
+        };
+        for vip in [0, 1] {
+            let e = entry(vip, backend);
+            assert_eq!(e.forwarding, FORWARD_IP6, "{}", c.vips[vip].name);
+            assert_eq!((key_addr(e.addr), key_addr(e.encap_src)), (backend, source));
+            assert_eq!(e.flags & BACKEND_F_RESOLVED, BACKEND_F_RESOLVED);
+        }
+        assert_eq!(entry(2, ip(11)).forwarding, FORWARD_L2);
+        assert_eq!(
+            key_addr(vip_key(&c.vips[0]).addr),
+            "2001:db8::100".parse::<IpAddr>().unwrap()
+        );
+        let filter = &r.dataplane().vip_filter;
+        assert!(FakeDataplane::admits(filter, c.vips[0].address));
+        assert!(FakeDataplane::admits(filter, ip(100)));
+    }
+
+    #[test]
     fn the_vip_filter_admits_old_and_new_vips_during_a_change_and_only_new_ones_after() {
         let mut r = reconciler();
         let c = config(false, 1);
