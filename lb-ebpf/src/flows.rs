@@ -100,12 +100,7 @@ impl Family for [u8; 16] {
     #[inline(always)]
     fn hash(flow: &Flow<Self>, seed: u32) -> u32 {
         flow_hash_v6(
-            &flow.src,
-            &flow.dst,
-            flow.sport,
-            flow.dport,
-            flow.proto,
-            seed,
+            &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto, seed,
         )
     }
 
@@ -135,11 +130,7 @@ pub enum Lookup<K> {
     },
     /// No live entry: the flow must be placed. `outcome` is the flow-table
     /// counter to move once the packet is known to be for a VIP.
-    Miss {
-        outcome: Stat,
-        key: K,
-        now: u64,
-    },
+    Miss { outcome: Stat, key: K, now: u64 },
 }
 
 #[inline(always)]

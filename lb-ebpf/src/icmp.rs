@@ -110,10 +110,8 @@ pub fn packet_too_big(ctx: &XdpContext, mtu: u32) -> Result<(), Stat> {
     let mut message = [0u8; ANSWER6 - EthHdr::LEN - Ipv6Hdr::LEN];
     message.copy_from_slice(&p[icmp..]);
     // The ICMPv6 checksum covers a pseudo-header too (RFC 8200 8.1).
-    let pseudo = csum::sum(&ip.dst_addr)
-        + csum::sum(&ip.src_addr)
-        + length as u32
-        + IPPROTO_ICMPV6 as u32;
+    let pseudo =
+        csum::sum(&ip.dst_addr) + csum::sum(&ip.src_addr) + length as u32 + IPPROTO_ICMPV6 as u32;
     set_checksum(p, icmp, csum::fold(pseudo + csum::sum(&message)));
     Ok(())
 }

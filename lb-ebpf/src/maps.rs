@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6, GlobalConfig,
-    MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair, StatBlock, Traffic,
-    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
+    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6,
+    GlobalConfig, MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair,
+    StatBlock, Traffic, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
 };
 
 /// (address of either family, port, protocol) -> VIP id, active table half, forwarding mode.

@@ -1,8 +1,8 @@
 //! Bounds-checked access to packet memory and header parsing. Every read of
 //! the packet goes through [`ptr_at`].
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, Stat};
 use aya_ebpf::programs::XdpContext;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, Stat};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},

@@ -359,6 +359,14 @@ pub struct Vip {
     pub backends: Vec<Backend>,
 }
 
+impl Vip {
+    /// Address and port as logs and metric labels show them (an IPv6
+    /// address bracketed: `[2001:db8::10]:443`).
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub address: IpAddr,
@@ -558,7 +566,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         {
             p.add(
                 at.clone(),
-                format!("duplicate VIP {a}:{port}/{}", v.protocol),
+                format!("duplicate VIP {}/{}", SocketAddr::new(a, port), v.protocol),
             );
         }
 
@@ -991,7 +999,11 @@ vips:
         let text = GOOD
             .replacen("address: 192.0.2.10", "address: 2001:db8::10", 1)
             .replace("198.51.100.1", "2001:db8:1::1")
-            .replacen("forwarding: l2", "forwarding: ipip\n    encap_source: 2001:db8::1", 1);
+            .replacen(
+                "forwarding: l2",
+                "forwarding: ipip\n    encap_source: 2001:db8::1",
+                1,
+            );
         let c = parse(&text).expect("valid");
         assert_eq!(c.vips[0].address, "2001:db8::10".parse::<IpAddr>().unwrap());
         assert_eq!(
@@ -1031,7 +1043,11 @@ vips:
             "{e}"
         );
         // An outer source of the other family.
-        let e = ipip("192.0.2.10", "198.51.100.11", "\n    encap_source: 2001:db8::1");
+        let e = ipip(
+            "192.0.2.10",
+            "198.51.100.11",
+            "\n    encap_source: 2001:db8::1",
+        );
         assert!(
             e.contains("vips[0].encap_source") && e.contains("backends' family"),
             "{e}"

@@ -192,7 +192,7 @@ impl Supervisor {
             for (i, b) in vip.backends.iter().enumerate() {
                 let offset = vip.health_check.interval * i as u32 / n;
                 let labels = Labels {
-                    vip: format!("{}:{}", vip.address, vip.port),
+                    vip: vip.endpoint().to_string(),
                     proto: vip.protocol.to_string(),
                     backend: b.address.to_string(),
                 };

@@ -84,7 +84,12 @@ pub fn build(backends: &[Weighted], table_size: u32, seed: u32) -> Table {
                 IpAddr::V4(a) => walk(&[a.to_bits()]),
                 IpAddr::V6(a) => {
                     let w = a.to_bits();
-                    walk(&[(w >> 96) as u32, (w >> 64) as u32, (w >> 32) as u32, w as u32])
+                    walk(&[
+                        (w >> 96) as u32,
+                        (w >> 64) as u32,
+                        (w >> 32) as u32,
+                        w as u32,
+                    ])
                 }
             };
             Walk {
@@ -138,7 +143,9 @@ mod tests {
         (0..n)
             .map(|i| Weighted {
                 // Spread over 10.0.0.0/8 so addresses are not all adjacent.
-                address: IpAddr::from(std::net::Ipv4Addr::from_bits(0x0a00_0000 + (i as u32) * 7919)),
+                address: IpAddr::from(std::net::Ipv4Addr::from_bits(
+                    0x0a00_0000 + (i as u32) * 7919,
+                )),
                 weight: weight(i),
             })
             .collect()

@@ -303,10 +303,9 @@ fn print_plan(file: &std::path::Path, c: &Config) {
     for (vip, table) in reconcile::plan(c) {
         let h = &vip.health_check;
         println!(
-            "\nVIP {} {}:{}/{} forwarding {:?}, health {:?} port {}{} every {} (timeout {}, rise {}, fall {}), all down: {:?}",
+            "\nVIP {} {}/{} forwarding {:?}, health {:?} port {}{} every {} (timeout {}, rise {}, fall {}), all down: {:?}",
             vip.name,
-            vip.address,
-            vip.port,
+            vip.endpoint(),
             vip.protocol,
             vip.forwarding,
             h.kind,

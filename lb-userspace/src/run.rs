@@ -247,7 +247,7 @@ impl Daemon {
             let Some(v) = self.config.vips.iter().find(|v| vip_key(v) == s.vip) else {
                 continue;
             };
-            let labels = [format!("{}:{}", v.address, v.port), v.protocol.to_string()];
+            let labels = [v.endpoint().to_string(), v.protocol.to_string()];
             let labels = [labels[0].as_str(), labels[1].as_str()];
             self.metrics
                 .maglev_rebuilds
@@ -322,7 +322,7 @@ impl Daemon {
                     .iter()
                     .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)));
                 for v in gone {
-                    let labels = [format!("{}:{}", v.address, v.port), v.protocol.to_string()];
+                    let labels = [v.endpoint().to_string(), v.protocol.to_string()];
                     let labels = [labels[0].as_str(), labels[1].as_str()];
                     let _ = self.metrics.maglev_rebuilds.remove_label_values(&labels);
                     let _ = self

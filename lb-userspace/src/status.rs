@@ -122,7 +122,7 @@ pub fn build(i: &Inputs) -> Status {
                 .collect();
             VipStatus {
                 name: v.name.clone(),
-                vip: format!("{}:{}", v.address, v.port),
+                vip: v.endpoint().to_string(),
                 protocol: v.protocol.to_string(),
                 forwarding: format!("{:?}", v.forwarding).to_lowercase(),
                 on_all_down: format!("{:?}", v.on_all_down).to_lowercase(),

@@ -149,13 +149,15 @@ pub fn run_packet(ebpf: &mut Ebpf, packet: &[u8]) -> anyhow::Result<Outcome> {
 /// The backend `config`'s table for `vip` (all backends healthy) gives a new
 /// flow from `src:sport`, computed without the program: the flow hash from
 /// lb-common, the table from the Maglev builder.
-pub fn expected_backend(
-    config: &Config,
-    vip: &Vip,
-    src: impl Into<IpAddr>,
-    sport: u16,
-) -> IpAddr {
-    let hash = flow_hash(src.into(), vip.address, sport, vip.port, vip.protocol.number(), config.seed);
+pub fn expected_backend(config: &Config, vip: &Vip, src: impl Into<IpAddr>, sport: u16) -> IpAddr {
+    let hash = flow_hash(
+        src.into(),
+        vip.address,
+        sport,
+        vip.port,
+        vip.protocol.number(),
+        config.seed,
+    );
     let (_, table) = reconcile::plan(config)
         .into_iter()
         .find(|(v, _)| v.name == vip.name)

@@ -132,8 +132,18 @@ fn ip6ip6_and_ipv4_in_ipv6_are_encapsulated_byte_for_byte() {
     let mut labels = std::collections::BTreeSet::new();
     for sport in 40000..40100u16 {
         let cases = [
-            (tcp_syn(CLIENT6, sport, VIP6, 80), web6, IpAddr::from(CLIENT6), 6),
-            (udp(CLIENT6, sport, VIP6, 53, b"query"), dns6, CLIENT6.into(), 17),
+            (
+                tcp_syn(CLIENT6, sport, VIP6, 80),
+                web6,
+                IpAddr::from(CLIENT6),
+                6,
+            ),
+            (
+                udp(CLIENT6, sport, VIP6, 53, b"query"),
+                dns6,
+                CLIENT6.into(),
+                17,
+            ),
             (tcp_syn(CLIENT4, sport, VIP4, 80), web4, CLIENT4.into(), 6),
         ];
         for (input, vip, client, proto) in cases {
@@ -152,7 +162,11 @@ fn ip6ip6_and_ipv4_in_ipv6_are_encapsulated_byte_for_byte() {
         }
     }
     assert_eq!(seen.len(), 9, "each VIP used each backend: {seen:?}");
-    assert!(labels.len() > 290, "labels differ per flow: {}", labels.len());
+    assert!(
+        labels.len() > 290,
+        "labels differ per flow: {}",
+        labels.len()
+    );
     let c = h.counters().unwrap();
     assert_eq!(
         (c.stat(Stat::ActionTx), c.stat(Stat::FlowMissSyn)),
@@ -179,8 +193,18 @@ fn the_inner_class_is_copied_the_route_source_is_the_default_and_flows_keep_thei
     let mut syn4 = tcp_syn(CLIENT4, 41000, VIP4, 80);
     syn4[15] = 0xb9;
     for (syn, ack, vip, client) in [
-        (syn6, tcp_ack(CLIENT6, 41000, VIP6, 80), web6, IpAddr::from(CLIENT6)),
-        (syn4, tcp_ack(CLIENT4, 41000, VIP4, 80), web4, CLIENT4.into()),
+        (
+            syn6,
+            tcp_ack(CLIENT6, 41000, VIP6, 80),
+            web6,
+            IpAddr::from(CLIENT6),
+        ),
+        (
+            syn4,
+            tcp_ack(CLIENT4, 41000, VIP4, 80),
+            web4,
+            CLIENT4.into(),
+        ),
     ] {
         let backend = h.expected_backend(vip, client, 41000);
         let label = label(client, vip.address, 41000, 80, 6);
@@ -277,10 +301,18 @@ fn too_big_ipv6_packets_icmpv6_may_not_answer_are_a_counted_drop() {
     hop_by_hop[2..4].copy_from_slice(&[1, 4]);
     let extension = with_ipv6_extensions(&big(CLIENT6), &[(0, hop_by_hop)]);
     let cases = [
-        ("icmp_too_big: false", "    icmp_too_big: false\n", big(CLIENT6)),
+        (
+            "icmp_too_big: false",
+            "    icmp_too_big: false\n",
+            big(CLIENT6),
+        ),
         ("an extension header", "", extension),
         ("from multicast", "", big("ff02::1".parse().unwrap())),
-        ("from the unspecified address", "", big(Ipv6Addr::UNSPECIFIED)),
+        (
+            "from the unspecified address",
+            "",
+            big(Ipv6Addr::UNSPECIFIED),
+        ),
         ("from loopback", "", big(Ipv6Addr::LOCALHOST)),
         ("to a group MAC", "", group_mac),
     ];

@@ -9,8 +9,8 @@ use std::{
 use lb_common::{STAT_COUNT, Stat};
 use lb_tests::{
     packet::{
-        Harness, LB_MAC, arp_request, backend_mac, neighbours, tcp_ack, tcp_syn,
-        fix_ipv4_checksum, tcp_syn_with_ip_options, udp, with_ipv6_extensions,
+        Harness, LB_MAC, arp_request, backend_mac, fix_ipv4_checksum, neighbours, tcp_ack, tcp_syn,
+        tcp_syn_with_ip_options, udp, with_ipv6_extensions,
     },
     root::root_or_skip,
 };
@@ -126,7 +126,13 @@ fn ipv6_tcp_syn_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
 /// 300 SYNs from `client` to VIP `name`: each goes to the backend the
 /// userspace table names, and every counter agrees.
 fn syns_go_where_the_table_says(h: &mut Harness, name: &str, client: IpAddr) {
-    let web = h.config.vips.iter().find(|v| v.name == name).unwrap().clone();
+    let web = h
+        .config
+        .vips
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap()
+        .clone();
     let mut per_backend = BTreeMap::new();
     let n = 300u64;
     let mut bytes = 0;
@@ -220,9 +226,12 @@ fn ipv6_udp_and_established_tcp_follow_the_table_and_the_flow_table() {
     );
 }
 
+/// An IPv6 extension header: (its type, its bytes).
+type Extension = (u8, Vec<u8>);
+
 /// An 8-byte IPv6 extension header of type `kind` (its next-header byte is
 /// filled in by `with_ipv6_extensions`), followed by `extra` 8-byte units.
-fn ext(kind: u8, bytes: [u8; 7], extra: u8) -> (u8, Vec<u8>) {
+fn ext(kind: u8, bytes: [u8; 7], extra: u8) -> Extension {
     let mut h = vec![0u8; 8 + 8 * extra as usize];
     h[1..8].copy_from_slice(&bytes);
     if kind != 44 {
@@ -247,7 +256,7 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
     let syn = |sport| tcp_syn(CLIENT6, sport, VIP6, 80);
     let routing_done = [0, 4, 0, 0, 0, 0, 0]; // type 4, no segments left
     let atomic_fragment = [0, 0, 0, 0, 0, 0, 1]; // offset 0, M clear
-    let walked: [(u16, Vec<(u8, Vec<u8>)>); 4] = [
+    let walked: [(u16, Vec<Extension>); 4] = [
         (41001, vec![ext(HOP_BY_HOP, PADN, 0)]),
         (41002, vec![ext(DEST_OPTIONS, PADN, 2)]),
         (41003, vec![ext(FRAGMENT, atomic_fragment, 0)]),
@@ -297,7 +306,10 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
         ),
         (
             "a later fragment",
-            with_ipv6_extensions(&syn(42004), &[ext(FRAGMENT, [0, 0x05, 0x08, 0, 0, 0, 1], 0)]),
+            with_ipv6_extensions(
+                &syn(42004),
+                &[ext(FRAGMENT, [0, 0x05, 0x08, 0, 0, 0, 1], 0)],
+            ),
             Stat::PassFragment,
         ),
         ("ICMPv6", icmp6, Stat::PassNotTcpUdp),
@@ -476,7 +488,12 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
         ("ARP", arp_request(CLIENT, VIP), Stat::PassNotIp),
         (
             "IPv6, another address",
-            tcp_syn(CLIENT6, 40000, Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3), 80),
+            tcp_syn(
+                CLIENT6,
+                40000,
+                Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3),
+                80,
+            ),
             Stat::PassNotVip,
         ),
         ("ICMP", icmp, Stat::PassNotTcpUdp),
