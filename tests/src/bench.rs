@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     time::{Duration, Instant},
 };
@@ -165,22 +165,59 @@ const ROUTED_BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 99, 0, 13),
 ];
 const IPIP_PORT: u16 = 8080;
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
+const BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x13),
+];
+/// Backends of the IPv6 `ipip` VIP (IP6IP6, port 8080), behind a router.
+const ROUTED_BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x13),
+];
 
 fn lb_config(max_flows: u32) -> String {
-    let vip = |name: &str, port: u16, proto: &str, forwarding: &str, backends: &[Ipv4Addr]| {
+    let vip = |name: &str,
+               address: IpAddr,
+               port: u16,
+               proto: &str,
+               forwarding: &str,
+               backends: &[IpAddr]| {
         let backends: String = backends
             .iter()
-            .map(|b| format!("      - {{ address: {b}, weight: 1 }}\n"))
+            .map(|b| format!("      - {{ address: \"{b}\", weight: 1 }}\n"))
             .collect();
         format!(
-            "  - name: {name}\n    address: {VIP}\n    port: {port}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n{backends}"
+            "  - name: {name}\n    address: \"{address}\"\n    port: {port}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n{backends}"
         )
     };
+    let v4 = |list: &[Ipv4Addr]| list.iter().map(|&a| IpAddr::from(a)).collect::<Vec<_>>();
+    let v6 = |list: &[Ipv6Addr]| list.iter().map(|&a| IpAddr::from(a)).collect::<Vec<_>>();
     format!(
-        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nmax_vips: 4\nflow_table: {{ max_flows: {max_flows} }}\nvips:\n{}{}{}",
-        vip("web", 80, "tcp", "l2", &BACKENDS),
-        vip("dns", 53, "udp", "l2", &BACKENDS),
-        vip("tunnel", IPIP_PORT, "tcp", "ipip", &ROUTED_BACKENDS)
+        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nmax_vips: 8\n\
+         flow_table: {{ max_flows: {max_flows} }}\nvips:\n{}{}{}{}{}",
+        vip("web", VIP.into(), 80, "tcp", "l2", &v4(&BACKENDS)),
+        vip("dns", VIP.into(), 53, "udp", "l2", &v4(&BACKENDS)),
+        vip(
+            "tunnel",
+            VIP.into(),
+            IPIP_PORT,
+            "tcp",
+            "ipip",
+            &v4(&ROUTED_BACKENDS)
+        ),
+        vip("web6", VIP6.into(), 80, "tcp", "l2", &v6(&BACKENDS6)),
+        vip(
+            "tunnel6",
+            VIP6.into(),
+            IPIP_PORT,
+            "tcp",
+            "ipip",
+            &v6(&ROUTED_BACKENDS6)
+        ),
     )
 }
 
@@ -201,21 +238,27 @@ impl LbInstance {
             config.table_size,
             config.max_vips,
         );
-        let l2 = BACKENDS.iter().map(|&b| (b, backend_mac(b), None));
+        let l2 = BACKENDS
+            .map(IpAddr::from)
+            .into_iter()
+            .chain(BACKENDS6.map(IpAddr::from))
+            .map(|b| (b, backend_mac(b), None));
         // IPIP backends: next hop's MAC, the route's source, MTU 1500.
         let routed = ROUTED_BACKENDS
-            .iter()
-            .map(|&b| (b, [2, 0, 0, 0, 0, 1], Some(OTHER)));
+            .map(|b| (IpAddr::from(b), IpAddr::from(OTHER)))
+            .into_iter()
+            .chain(ROUTED_BACKENDS6.map(|b| (b.into(), CLIENT6.into())))
+            .map(|(b, src)| (b, [2, 0, 0, 0, 0, 1], Some(src)));
         let neighbours: Neighbours = l2
             .chain(routed)
             .map(|(b, mac, src_addr)| {
                 (
-                    b.into(),
+                    b,
                     Neighbour {
                         ifindex: 1,
                         mac,
                         src_mac: LB_MAC,
-                        src_addr: src_addr.map(Into::into),
+                        src_addr,
                         mtu: if src_addr.is_some() { 1500 } else { 0 },
                     },
                 )
@@ -284,6 +327,12 @@ fn new_flow_packet(n: u64) -> Vec<u8> {
     tcp_syn(src, 1024 + (n % 64512) as u16, VIP, 80)
 }
 
+/// The same for IPv6: the `n`-th SYN from fd00:128::x:port.
+fn new_flow_packet6(n: u64) -> Vec<u8> {
+    let src = Ipv6Addr::from_bits((0xfd00_0128u128 << 96) + (n / 64512) as u128);
+    tcp_syn(src, 1024 + (n % 64512) as u16, VIP6, 80)
+}
+
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
@@ -350,12 +399,16 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
     let udp_est = udp(Ipv4Addr::new(10, 77, 0, 2), 40001, VIP, 53, &[0; 18]);
     let non_vip = tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40002, OTHER, 80);
     let ipip_est = tcp_ack(Ipv4Addr::new(10, 77, 0, 2), 40003, VIP, IPIP_PORT);
+    let tcp6_est = tcp_ack(CLIENT6, 40004, VIP6, 80);
+    let ip6ip6_est = tcp_ack(CLIENT6, 40005, VIP6, IPIP_PORT);
     for inst in [&mut lb, &mut full] {
         let prog = inst.prog()?;
         for p in [
             &tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40000, VIP, 80),
             &udp_est,
             &tcp_syn(Ipv4Addr::new(10, 77, 0, 2), 40003, VIP, IPIP_PORT),
+            &tcp_syn(CLIENT6, 40004, VIP6, 80),
+            &tcp_syn(CLIENT6, 40005, VIP6, IPIP_PORT),
         ] {
             prog.test_run(TestRunOptions {
                 data_in: Some(p),
@@ -363,16 +416,18 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
             })?;
         }
     }
-    // The IPIP case measures what it says: an established flow, encapsulated
-    // (the frame grows by the outer header) and sent back out.
-    let r = lb.prog()?.test_run(TestRunOptions {
-        data_in: Some(&ipip_est),
-        data_out: Some(&mut vec![0u8; ipip_est.len() + 64]),
-        ..TestRunOptions::default()
-    })?;
-    const XDP_TX: u32 = 3;
-    if r.return_value != XDP_TX || r.data_size_out as usize != ipip_est.len() + 20 {
-        bail!("the IPIP case is not encapsulated: {r:?}");
+    // The tunnel cases measure what they say: an established flow,
+    // encapsulated (the frame grows by the outer header) and sent back out.
+    for (packet, outer) in [(&ipip_est, 20), (&ip6ip6_est, 40)] {
+        let r = lb.prog()?.test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut vec![0u8; packet.len() + 64]),
+            ..TestRunOptions::default()
+        })?;
+        const XDP_TX: u32 = 3;
+        if r.return_value != XDP_TX || r.data_size_out as usize != packet.len() + outer {
+            bail!("a tunnel case is not encapsulated ({outer}-byte outer header): {r:?}");
+        }
     }
     // Fill the second instance's flow table. Each CPU owns its share of the
     // LRU's capacity, so every CPU inserts its share of the flows.
@@ -418,6 +473,18 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
             name: "TCP established (flow hit), IPIP",
             target: None,
         },
+        Case {
+            name: "TCP established (flow hit), IPv6, L2",
+            target: None,
+        },
+        Case {
+            name: "TCP SYN, new flow, IPv6, L2",
+            target: None,
+        },
+        Case {
+            name: "TCP established (flow hit), IP6IP6",
+            target: None,
+        },
     ];
     let mut a: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut b: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
@@ -450,7 +517,14 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
         let base = full_new_flows;
         a[7].push(method_a(p, s.calls, |i| new_flow_packet(base + i as u64))?);
         full_new_flows += s.calls as u64;
-        a[8].push(method_a(lb.prog()?, s.calls, fixed(&ipip_est))?);
+        let p = lb.prog()?;
+        a[8].push(method_a(p, s.calls, fixed(&ipip_est))?);
+        a[9].push(method_a(p, s.calls, fixed(&tcp6_est))?);
+        b[9].push(method_b(p, s.repeat, &tcp6_est)?);
+        let base = new_flows;
+        a[10].push(method_a(p, s.calls, |i| new_flow_packet6(base + i as u64))?);
+        new_flows += s.calls as u64;
+        a[11].push(method_a(p, s.calls, fixed(&ip6ip6_est))?);
     }
     let ratio =
         |v: &[f64], ceiling: &[f64]| Stats::of(v.iter().zip(ceiling).map(|(x, c)| x / c).collect());
