@@ -13,7 +13,10 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
-use lb_common::hash::{flow_hash_v4, flow_hash_v6};
+use lb_common::{
+    Stat,
+    hash::{flow_hash_v4, flow_hash_v6},
+};
 use lb_userspace::{
     config::{Config, Vip},
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
@@ -48,6 +51,35 @@ pub fn neighbours<A: Into<IpAddr>>(addrs: impl IntoIterator<Item = A>, ifindex: 
                     src_mac: LB_MAC,
                     src_addr: None,
                     mtu: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The MAC the tests give the router in front of routed (`ipip`) backends.
+pub const ROUTER_MAC: [u8; 6] = [2, 0x77, 0, 0, 0, 1];
+
+/// Neighbour entries for `ipip` backends: each reached through the router,
+/// on the loopback interface BPF_PROG_TEST_RUN runs on, with the route's
+/// source address `src` and the egress `mtu`.
+pub fn routed_neighbours<A: Into<IpAddr>>(
+    backends: impl IntoIterator<Item = A>,
+    src: impl Into<IpAddr>,
+    mtu: u32,
+) -> Neighbours {
+    let src = src.into();
+    backends
+        .into_iter()
+        .map(|b| {
+            (
+                b.into(),
+                Neighbour {
+                    ifindex: 1,
+                    mac: ROUTER_MAC,
+                    src_mac: LB_MAC,
+                    src_addr: Some(src),
+                    mtu,
                 },
             )
         })
@@ -105,6 +137,20 @@ impl Harness {
     /// Runs one packet once.
     pub fn run(&mut self, packet: &[u8]) -> anyhow::Result<Outcome> {
         run_packet(&mut self.ebpf, packet)
+    }
+
+    /// Runs `packet` (too big once encapsulated) and asserts it was dropped
+    /// unmodified as `drop_too_big`, with no answer counted as `answer`.
+    pub fn assert_too_big_dropped(&mut self, packet: &[u8], answer: Stat, what: &str) {
+        const XDP_DROP: u32 = 1;
+        let out = self.run(packet).unwrap();
+        assert_eq!(
+            (out.action, out.packet.as_slice()),
+            (XDP_DROP, packet),
+            "{what}: dropped unmodified"
+        );
+        let c = self.counters().unwrap();
+        assert_eq!((c.stat(Stat::DropTooBig), c.stat(answer)), (1, 0), "{what}");
     }
 
     /// The backend a packet forwarded by the program was sent to, read back

@@ -7,10 +7,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use etherparse::{IpNumber, Ipv4Header};
 use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
 use lb_tests::{
-    packet::{Harness, LB_MAC, frag_needed, tcp_syn, tcp_syn_with_ip_options, udp},
+    packet::{
+        Harness, LB_MAC, ROUTER_MAC, frag_needed, routed_neighbours, tcp_syn,
+        tcp_syn_with_ip_options, udp,
+    },
     root::root_or_skip,
 };
-use lb_userspace::reconcile::{Neighbour, Neighbours};
+use lb_userspace::reconcile::Neighbours;
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
@@ -18,7 +21,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 const ROUTE_SRC: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 33);
-const ROUTER_MAC: [u8; 6] = [2, 0x77, 0, 0, 0, 1];
 const BACKENDS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 99, 0, 11),
     Ipv4Addr::new(10, 99, 0, 12),
@@ -38,24 +40,9 @@ fn config(encap_source: Option<Ipv4Addr>) -> String {
     )
 }
 
-/// Every backend reached through the router, on the loopback interface
-/// BPF_PROG_TEST_RUN runs on, with `mtu`.
+/// Every backend reached through the router, with `mtu`.
 fn routed(mtu: u32) -> Neighbours {
-    BACKENDS
-        .iter()
-        .map(|&b| {
-            (
-                b.into(),
-                Neighbour {
-                    ifindex: 1,
-                    mac: ROUTER_MAC,
-                    src_mac: LB_MAC,
-                    src_addr: Some(ROUTE_SRC.into()),
-                    mtu,
-                },
-            )
-        })
-        .collect()
+    routed_neighbours(BACKENDS, ROUTE_SRC, mtu)
 }
 
 fn harness(test: &str, encap_source: Option<Ipv4Addr>, neighbours: &Neighbours) -> Option<Harness> {
@@ -242,18 +229,7 @@ fn too_big_packets_icmp_may_not_answer_are_a_counted_drop() {
     ];
     for (what, text, mtu, packet) in cases {
         let mut h = Harness::new(text, &routed(mtu)).unwrap();
-        let out = h.run(&packet).unwrap();
-        assert_eq!(
-            (out.action, &out.packet),
-            (XDP_DROP, &packet),
-            "{what}: dropped unmodified"
-        );
-        let c = h.counters().unwrap();
-        assert_eq!(
-            (c.stat(Stat::DropTooBig), c.stat(Stat::IcmpTooBig)),
-            (1, 0),
-            "{what}"
-        );
+        h.assert_too_big_dropped(&packet, Stat::IcmpTooBig, what);
     }
 }
 

@@ -9,12 +9,12 @@ use etherparse::{IpNumber, Ipv6FlowLabel, Ipv6Header};
 use lb_common::Stat;
 use lb_tests::{
     packet::{
-        Harness, LB_MAC, fix_ipv4_checksum, flow_hash, frag_needed, packet_too_big, tcp_ack,
-        tcp_syn, udp, with_ipv6_extensions,
+        Harness, LB_MAC, ROUTER_MAC, fix_ipv4_checksum, flow_hash, frag_needed, packet_too_big,
+        routed_neighbours, tcp_ack, tcp_syn, udp, with_ipv6_extensions,
     },
     root::root_or_skip,
 };
-use lb_userspace::reconcile::{Neighbour, Neighbours};
+use lb_userspace::reconcile::Neighbours;
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
@@ -25,7 +25,6 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 const ROUTE_SRC: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x33);
 const ENCAP_SRC: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3);
-const ROUTER_MAC: [u8; 6] = [2, 0x77, 0, 0, 0, 1];
 const BACKENDS: [Ipv6Addr; 3] = [
     Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x11),
     Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x12),
@@ -53,24 +52,9 @@ fn config(extra: &str) -> String {
     )
 }
 
-/// Every backend reached through the router on the loopback interface
-/// BPF_PROG_TEST_RUN runs on, with `mtu`.
+/// Every backend reached through the router, with `mtu`.
 fn routed(mtu: u32) -> Neighbours {
-    BACKENDS
-        .iter()
-        .map(|&b| {
-            (
-                b.into(),
-                Neighbour {
-                    ifindex: 1,
-                    mac: ROUTER_MAC,
-                    src_mac: LB_MAC,
-                    src_addr: Some(ROUTE_SRC.into()),
-                    mtu,
-                },
-            )
-        })
-        .collect()
+    routed_neighbours(BACKENDS, ROUTE_SRC, mtu)
 }
 
 fn harness(test: &str, extra: &str, neighbours: &Neighbours) -> Option<Harness> {
@@ -318,18 +302,7 @@ fn too_big_ipv6_packets_icmpv6_may_not_answer_are_a_counted_drop() {
     ];
     for (what, extra, packet) in cases {
         let mut h = Harness::new(&config(extra), &routed(100)).unwrap();
-        let out = h.run(&packet).unwrap();
-        assert_eq!(
-            (out.action, &out.packet),
-            (XDP_DROP, &packet),
-            "{what}: dropped unmodified"
-        );
-        let c = h.counters().unwrap();
-        assert_eq!(
-            (c.stat(Stat::DropTooBig), c.stat(Stat::IcmpPacketTooBig)),
-            (1, 0),
-            "{what}"
-        );
+        h.assert_too_big_dropped(&packet, Stat::IcmpPacketTooBig, what);
     }
 }
 
