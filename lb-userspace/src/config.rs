@@ -806,6 +806,15 @@ fn check_tunnel_families(
 
 fn parse_ip(p: &mut Problems, field: &str, text: &str) -> Option<IpAddr> {
     match text.parse::<IpAddr>() {
+        // The maps hold IPv4 addresses IPv4-mapped: such an IPv6 address
+        // would be the IPv4 one there, while packets carry it as IPv6.
+        Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+            p.add(
+                field,
+                format!("`{text}` is an IPv4-mapped IPv6 address; write the IPv4 address"),
+            );
+            None
+        }
         Ok(a) => Some(a),
         Err(_) => {
             p.add(field, format!("`{text}` is not an IP address"));
@@ -1011,6 +1020,15 @@ vips:
             "2001:db8:1::12".parse::<IpAddr>().unwrap()
         );
         assert_eq!(c.vips[0].encap_source, Some("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn rejects_ipv4_mapped_ipv6_addresses() {
+        let e = error_with("address: 192.0.2.10", "address: \"::ffff:192.0.2.10\"");
+        assert!(
+            e.contains("vips[0].address") && e.contains("IPv4-mapped"),
+            "{e}"
+        );
     }
 
     #[test]
