@@ -1,18 +1,30 @@
-//! The L2 direct-server-return topology: a client, the load balancer and
-//! backends on one bridge, each in its own namespace.
+//! The direct-server-return test topologies, dual-stack: a client, the load
+//! balancer and backends, each in its own namespace, every interface with an
+//! IPv4 and an IPv6 address on parallel schemes.
 //!
+//! Same segment ([`Topology::new`], `l2` forwarding):
 //! ```text
-//!   client 10.77.0.2 ─┐
-//!   lb     10.77.0.3 ─┼─ br0 (namespace "sw")
-//!   b1..bN 10.77.0.11+┘   backends hold the VIP 10.77.0.100 on lo
+//!   client 10.77.0.2   fd00:77::2   ─┐
+//!   lb     10.77.0.3   fd00:77::3   ─┼─ br0 (namespace "sw")
+//!   b1..bN 10.77.0.11+ fd00:77::11+ ─┘   backends hold the VIPs 10.77.0.100
+//!                                        and fd00:77::100 on lo
 //! ```
-//! The client routes the VIP via the load balancer; the load balancer's
-//! namespace does not forward IP, so only the XDP program's MAC rewrite can
-//! deliver a packet to a backend, and backends answer the client directly.
+//! Routed ([`Topology::routed`], `ipip` forwarding): the backends sit on
+//! 10.99.0.0/24 and fd00:99::/64 behind a router (10.77.0.1 / fd00:77::1 on
+//! the front segment, 10.99.0.1 / fd00:99::1 on the back one) and run
+//! `lb decap`.
+//!
+//! The client routes the VIPs via the load balancer; the load balancer's
+//! namespace forwards neither IPv4 nor IPv6, so only the XDP program (MAC
+//! rewrite or encapsulation) can deliver a packet to a backend, and backends
+//! answer the client directly.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket,
+    },
+    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -37,25 +49,49 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 5353;
 
+/// The client's IPv6 address (the IPv4 scheme's 10.77.0.x is fd00:77::x).
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
+/// The load balancer's IPv6 address.
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3);
+/// The IPv6 VIP, held on every backend's loopback next to [`VIP`].
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+
 /// The i-th backend's address on the load balancer's segment (10.77.0.11,
 /// .12, ...).
 pub fn backend_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, 11 + i as u8)
 }
 
+/// The i-th backend's IPv6 address on the load balancer's segment
+/// (fd00:77::11, ::12, ...).
+pub fn backend_address6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+
 /// The router's address on the load balancer's segment (routed layout).
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The router's address on the backends' segment.
 pub const ROUTER_B: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The router's IPv6 address on the load balancer's segment.
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
+/// The router's IPv6 address on the backends' segment.
+pub const ROUTER6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 
 /// The i-th backend's address behind the router (10.99.0.11, .12, ...).
 pub fn routed_backend_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, 0, 11 + i as u8)
 }
 
+/// The i-th backend's IPv6 address behind the router (fd00:99::11, ::12,
+/// ...).
+pub fn routed_backend_address6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x11 + i as u16)
+}
+
 pub struct Backend {
     pub name: String,
     pub address: Ipv4Addr,
+    pub address6: Ipv6Addr,
     pub ns: Netns,
 }
 
@@ -85,8 +121,24 @@ pub struct Topology {
 /// The topology most tests use: everything on one segment.
 pub type L2Topology = Topology;
 
+/// A namespace whose interfaces skip IPv6 duplicate address detection, so
+/// every address, the link-local ones included, is usable at once (`nodad`
+/// covers only the addresses added with it). Without this a backend's
+/// link-local address stays tentative for a second or so after its link
+/// comes up, and until then the kernel sends no neighbour solicitation for
+/// a reply whose source (the VIP, on lo) is not an address of the outgoing
+/// interface: an early connection could fail (seen here: now and then one
+/// of 1500). Set before any interface exists: new interfaces copy `default`.
+fn namespace(role: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::new(role)?;
+    for dev in ["all", "default"] {
+        ns.sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
+    }
+    Ok(ns)
+}
+
 fn switch() -> anyhow::Result<Netns> {
-    let sw = Netns::new("sw")?;
+    let sw = namespace("sw")?;
     sw.ip(&["link", "add", "br0", "type", "bridge"])?;
     sw.ip(&["link", "set", "br0", "up"])?;
     Ok(sw)
@@ -98,29 +150,41 @@ impl Topology {
         Self::build(backend_names, Layout::SameSegment)
     }
 
-    /// Backends on 10.99.0.0/24 behind a router (10.77.0.1 / 10.99.0.1),
-    /// each running `lb decap`; the load balancer routes to them via the
-    /// router and still does not forward IP itself.
+    /// Backends on 10.99.0.0/24 and fd00:99::/64 behind a router (10.77.0.1
+    /// / fd00:77::1 and 10.99.0.1 / fd00:99::1), each running `lb decap`;
+    /// the load balancer routes to them via the router and still does not
+    /// forward IP itself.
     pub fn routed(backend_names: &[&str]) -> anyhow::Result<Topology> {
         Self::build(backend_names, Layout::Routed)
     }
 
     /// Builds the topology with one backend per name, each running a TCP
-    /// server on VIP:80 and a UDP server on VIP:5353 that answer with the
-    /// backend's name.
+    /// server on port 80 and UDP servers on VIP:5353 and [VIP6]:5353 that
+    /// answer with the backend's name, in both families.
     pub fn build(backend_names: &[&str], layout: Layout) -> anyhow::Result<Topology> {
         let front = switch()?;
-        let client = Netns::new("client")?;
-        plug(&front, &client, "p-client", CLIENT)?;
+        let client = namespace("client")?;
+        plug(&front, &client, "p-client", CLIENT, CLIENT6)?;
         client.ip(&["route", "add", &format!("{VIP}/32"), "via", &LB.to_string()])?;
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            &LB6.to_string(),
+        ])?;
         // veth leaves TCP/UDP checksums for "later"; XDP_TX drops that
         // promise, so the client must send complete checksums (a real NIC
-        // would finish them in hardware).
+        // would finish them in hardware). Covers both families.
         client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
 
-        let lb = Netns::new("lb")?;
-        plug(&front, &lb, "p-lb", LB)?;
+        let lb = namespace("lb")?;
+        plug(&front, &lb, "p-lb", LB, LB6)?;
+        // Neither family may be forwarded by the kernel: only the XDP program
+        // may move a VIP packet on.
         lb.sysctl("net.ipv4.ip_forward", "0")?;
+        lb.sysctl("net.ipv6.conf.all.forwarding", "0")?;
         // veth drops frames XDP_TX sends into it unless the peer runs an XDP
         // program; a trivial XDP_PASS on the bridge port is enough.
         let peer_pass = front.enter(|| attach_pass("p-lb"))??;
@@ -130,15 +194,24 @@ impl Topology {
             Layout::SameSegment => (None, None),
             Layout::Routed => {
                 let back = switch()?;
-                let router = Netns::new("router")?;
-                plug_as(&switches[0], &router, "p-router", "eth0", ROUTER)?;
-                plug_as(&back, &router, "p-router", "eth1", ROUTER_B)?;
+                let router = namespace("router")?;
+                plug_as(&switches[0], &router, "p-router", "eth0", ROUTER, ROUTER6)?;
+                plug_as(&back, &router, "p-router", "eth1", ROUTER_B, ROUTER6_B)?;
                 router.sysctl("net.ipv4.ip_forward", "1")?;
+                router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
                 for dev in ["all", "default", "eth0", "eth1"] {
                     router.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
                 }
                 for ns in [&client, &lb] {
                     ns.ip(&["route", "add", "10.99.0.0/24", "via", &ROUTER.to_string()])?;
+                    ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        "fd00:99::/64",
+                        "via",
+                        &ROUTER6.to_string(),
+                    ])?;
                 }
                 (Some(router), Some(back))
             }
@@ -148,23 +221,35 @@ impl Topology {
         let mut servers = Vec::new();
         let mut decaps = Vec::new();
         for (i, name) in backend_names.iter().enumerate() {
-            let ns = Netns::new(name)?;
-            let address = match &back {
+            let ns = namespace(name)?;
+            let (address, address6) = match &back {
                 None => {
-                    let a = backend_address(i);
-                    plug(&switches[0], &ns, &format!("p-{name}"), a)?;
-                    a
+                    let (a, a6) = (backend_address(i), backend_address6(i));
+                    plug(&switches[0], &ns, &format!("p-{name}"), a, a6)?;
+                    (a, a6)
                 }
                 Some(back) => {
-                    let a = routed_backend_address(i);
-                    plug(back, &ns, &format!("p-{name}"), a)?;
+                    let (a, a6) = (routed_backend_address(i), routed_backend_address6(i));
+                    plug(back, &ns, &format!("p-{name}"), a, a6)?;
                     ns.ip(&["route", "add", "default", "via", &ROUTER_B.to_string()])?;
-                    a
+                    ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &ROUTER6_B.to_string(),
+                    ])?;
+                    (a, a6)
                 }
             };
             ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
             // Hold the VIP without answering ARP for it or using it as an ARP
-            // source: only the load balancer attracts VIP traffic.
+            // source: only the load balancer attracts VIP traffic. IPv6 needs
+            // no counterpart: the kernel answers a neighbour solicitation only
+            // for addresses of the interface it arrived on (not lo's), and
+            // solicits from an address of the outgoing interface.
             for dev in ["all", "eth0"] {
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
@@ -176,6 +261,7 @@ impl Topology {
             backends.push(Backend {
                 name: name.to_string(),
                 address,
+                address6,
                 ns,
             });
         }
@@ -220,21 +306,30 @@ impl Topology {
             .collect()
     }
 
-    /// Makes `flows` TCP connections and `flows` UDP exchanges from the
-    /// client to the VIP and asserts that every one succeeds, that each
-    /// protocol's shares are within 15% of `weights`, and that the servers
-    /// answered exactly those (nothing twice).
-    pub fn assert_spread_by_weight(&self, lb: &LbProcess, weights: &[(&str, u32)], flows: usize) {
+    /// Makes `flows` TCP connections (to `vip`:80) and `flows` UDP exchanges
+    /// (to `vip`:5353) from the client and asserts that every one succeeds,
+    /// that each protocol's shares are within 15% of `weights`, and that the
+    /// servers answered exactly those (nothing twice).
+    pub fn assert_spread_by_weight(
+        &self,
+        lb: &LbProcess,
+        vip: IpAddr,
+        weights: &[(&str, u32)],
+        flows: usize,
+    ) {
         use crate::traffic::{tcp_connections, udp_exchanges};
+        // The servers count for the topology's lifetime; compare the change.
+        let served = || -> usize { self.served().iter().map(|s| s.1 + s.2).sum() };
+        let before = served();
         let tcp = self
             .client
-            .enter(move || tcp_connections(SocketAddr::from((VIP, TCP_PORT)), flows))
+            .enter(move || tcp_connections(SocketAddr::new(vip, TCP_PORT), flows))
             .unwrap();
         let udp = self
             .client
-            .enter(move || udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), flows))
+            .enter(move || udp_exchanges(SocketAddr::new(vip, UDP_PORT), flows))
             .unwrap();
-        println!("tcp: {tcp:?}\nudp: {udp:?}");
+        println!("{vip} tcp: {tcp:?}\n{vip} udp: {udp:?}");
         for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
             assert_eq!(tally.attempts(), flows);
             assert_eq!(
@@ -249,9 +344,8 @@ impl Topology {
                 "{what}: shares off weight by > 15%: {off:?}"
             );
         }
-        let served: usize = self.served().iter().map(|s| s.1 + s.2).sum();
         assert_eq!(
-            served,
+            served() - before,
             2 * flows,
             "every backend answer was one client exchange"
         );
@@ -270,9 +364,15 @@ impl Topology {
 }
 
 /// Connects `ns` to the bridge in `switch` with a veth pair: `eth0` in `ns`
-/// with `addr/24`, `port` in the switch.
-fn plug(switch: &Netns, ns: &Netns, port: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
-    plug_as(switch, ns, port, "eth0", addr)
+/// with `addr/24` and `addr6/64`, `port` in the switch.
+fn plug(
+    switch: &Netns,
+    ns: &Netns,
+    port: &str,
+    addr: Ipv4Addr,
+    addr6: Ipv6Addr,
+) -> anyhow::Result<()> {
+    plug_as(switch, ns, port, "eth0", addr, addr6)
 }
 
 /// [`plug`] with another interface name in `ns`.
@@ -282,10 +382,13 @@ fn plug_as(
     port: &str,
     dev: &str,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
 ) -> anyhow::Result<()> {
     crate::netns::veth(ns, dev, switch, port)?;
     switch.ip(&["link", "set", port, "master", "br0", "up"])?;
     ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
+    // nodad: usable at once, nothing waits for duplicate address detection.
+    ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", dev, "nodad"])?;
     ns.ip(&["link", "set", dev, "up"])?;
     Ok(())
 }
@@ -311,25 +414,57 @@ struct Listener {
 }
 
 impl Listener {
-    /// Serves `listener`, handing each accepted connection to `on_conn` on a
-    /// thread of its own.
+    /// Serves `listeners` (one per address family), handing each accepted
+    /// connection to `on_conn` on a thread of its own.
     fn tcp(
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
         on_conn: impl Fn(TcpStream) + Send + Sync + 'static,
     ) -> std::io::Result<Listener> {
-        listener.set_nonblocking(true)?;
+        for l in &listeners {
+            l.set_nonblocking(true)?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let on_conn = Arc::new(on_conn);
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
+                let mut idle = true;
+                for listener in &listeners {
+                    if let Ok((conn, _)) = listener.accept() {
+                        idle = false;
                         let _ = conn.set_nonblocking(false);
                         let on_conn = on_conn.clone();
                         std::thread::spawn(move || on_conn(conn));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        Ok(Listener {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Answers every datagram `socket` receives with `reply`, counting the
+    /// answers in `answered`.
+    fn udp(
+        socket: UdpSocket,
+        reply: Vec<u8>,
+        answered: Arc<AtomicUsize>,
+    ) -> std::io::Result<Listener> {
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf)
+                    && socket.send_to(&reply, from).is_ok()
+                {
+                    answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
@@ -349,9 +484,41 @@ impl Drop for Listener {
     }
 }
 
-/// A backend's servers: TCP on *:80 and UDP on VIP:5353 answer with the
-/// backend's name (TCP: a line, then it echoes whatever the client sends), and
-/// a TCP health listener on *:8080 accepts and closes.
+/// TCP listeners on `port` of every address: one IPv4 socket on 0.0.0.0 and
+/// one IPv6-only socket on [::]. Two sockets rather than one dual-stack
+/// socket, so IPv4 connections stay plain IPv4 sockets (as before IPv6 was
+/// added) whatever `net.ipv6.bindv6only` says. Must run inside the
+/// namespace.
+fn listen_both(port: u16) -> anyhow::Result<Vec<TcpListener>> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let v4 = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // Without IPV6_V6ONLY the [::] socket would also claim IPv4 and clash
+    // with the 0.0.0.0 one. SO_REUSEADDR as std sets it for `bind`.
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
+    )?;
+    // The backlog std's `TcpListener::bind` uses, as for the IPv4 socket.
+    listen(&fd, Backlog::new(128)?)?;
+    Ok(vec![v4, TcpListener::from(fd)])
+}
+
+/// A backend's servers, in both families: TCP on *:80 and UDP on VIP:5353
+/// and [VIP6]:5353 answer with the backend's name (TCP: a line, then it
+/// echoes whatever the client sends), and a TCP health listener on *:8080
+/// accepts and closes. The UDP servers are bound to the VIPs so that their
+/// answers leave from the VIP.
 struct Server {
     name: String,
     /// New TCP connections accepted on the service port.
@@ -362,45 +529,29 @@ struct Server {
     shutdown: Arc<AtomicBool>,
     service: Option<Listener>,
     health: Option<Listener>,
-    _udp: Listener,
+    _udp: Vec<Listener>,
 }
 
 impl Server {
     fn start(ns: &Netns, name: &str) -> anyhow::Result<Server> {
-        let udp = ns.enter(|| UdpSocket::bind(SocketAddr::from((VIP, UDP_PORT))))??;
-        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let shutdown = Arc::new(AtomicBool::new(false));
         let udp_answered = Arc::new(AtomicUsize::new(0));
-        let udp_thread = {
-            let (stop, answered, reply) = (
-                Arc::new(AtomicBool::new(false)),
-                udp_answered.clone(),
+        let mut udp = Vec::new();
+        for vip in [IpAddr::V4(VIP), IpAddr::V6(VIP6)] {
+            let socket = ns.enter(move || UdpSocket::bind(SocketAddr::new(vip, UDP_PORT)))??;
+            udp.push(Listener::udp(
+                socket,
                 name.as_bytes().to_vec(),
-            );
-            let flag = stop.clone();
-            let thread = std::thread::spawn(move || {
-                let mut buf = [0u8; 1500];
-                while !flag.load(Ordering::Relaxed) {
-                    if let Ok((_, from)) = udp.recv_from(&mut buf)
-                        && udp.send_to(&reply, from).is_ok()
-                    {
-                        answered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-            Listener {
-                stop,
-                thread: Some(thread),
-            }
-        };
+                udp_answered.clone(),
+            )?);
+        }
         let mut server = Server {
             name: name.to_string(),
             tcp_accepted: Arc::new(AtomicUsize::new(0)),
             udp_answered,
-            shutdown,
+            shutdown: Arc::new(AtomicBool::new(false)),
             service: None,
             health: None,
-            _udp: udp_thread,
+            _udp: udp,
         };
         server.set_service(ns, true)?;
         server.set_health(ns, true)?;
@@ -410,8 +561,7 @@ impl Server {
     fn set_service(&mut self, ns: &Netns, on: bool) -> anyhow::Result<()> {
         self.service = None;
         if on {
-            let l =
-                ns.enter(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], TCP_PORT))))??;
+            let l = ns.enter(|| listen_both(TCP_PORT))??;
             let (accepted, shutdown, line) = (
                 self.tcp_accepted.clone(),
                 self.shutdown.clone(),
@@ -449,8 +599,7 @@ impl Server {
     fn set_health(&mut self, ns: &Netns, on: bool) -> anyhow::Result<()> {
         self.health = None;
         if on {
-            let l =
-                ns.enter(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], HEALTH_PORT))))??;
+            let l = ns.enter(|| listen_both(HEALTH_PORT))??;
             self.health = Some(Listener::tcp(l, drop)?);
         }
         Ok(())

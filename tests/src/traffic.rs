@@ -1,10 +1,11 @@
 //! Client traffic: many short TCP connections and UDP exchanges, each from a
 //! fresh socket (so a fresh source port), tallied by the backend that answered.
+//! Every helper takes the VIP as a `SocketAddr` of either family.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -205,13 +206,19 @@ impl LongLived {
     }
 }
 
-/// `n` UDP request/answer exchanges with `to`, each from a new socket. Must
-/// run inside the client's namespace.
+/// `n` UDP request/answer exchanges with `to` (either family), each from a
+/// new socket. Must run inside the client's namespace.
 pub fn udp_exchanges(to: SocketAddr, n: usize) -> Tally {
+    // Any local address of `to`'s family: an IPv4 socket cannot reach an
+    // IPv6 VIP, and the kernel picks the source address.
+    let any: IpAddr = match to {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
     let mut tally = Tally::default();
     for _ in 0..n {
         let answer = (|| {
-            let s = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).ok()?;
+            let s = UdpSocket::bind(SocketAddr::new(any, 0)).ok()?;
             s.set_read_timeout(Some(TIMEOUT)).ok()?;
             s.send_to(b"who?", to).ok()?;
             let mut buf = [0u8; 256];
