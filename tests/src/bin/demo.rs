@@ -1,10 +1,10 @@
 //! `cargo xtask demo`: builds the L2 direct-server-return topology in fresh
 //! network namespaces, runs `lb run` with config/demo.yaml, sends TCP and UDP
-//! traffic from the client, prints how it was spread, and removes everything,
-//! also when interrupted with Ctrl-C.
+//! traffic from the client to the IPv4 and the IPv6 VIP, prints how it was
+//! spread, and removes everything, also when interrupted with Ctrl-C.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::ExitCode,
     sync::{
@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
-    topology::{CLIENT, L2Topology, LB, TCP_PORT, UDP_PORT, VIP},
+    topology::{
+        CLIENT, CLIENT6, L2Topology, LB, LB6, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address,
+        backend_address6,
+    },
     traffic::{Tally, tcp_connections, udp_exchanges},
 };
 use lb_userspace::config::Config;
@@ -49,33 +52,38 @@ fn main() -> ExitCode {
 
 fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
     let config = Config::parse(DEMO_CONFIG, Path::new("config/demo.yaml"))?;
-    let web = config
-        .vips
-        .iter()
-        .find(|v| v.port == TCP_PORT)
-        .context("demo config: no TCP VIP")?;
-    if web.address != VIP {
-        bail!("config/demo.yaml must use the topology's VIP {VIP}");
-    }
-    let weights: Vec<(String, u32)> = web
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (format!("b{}", i + 1), b.weight))
-        .collect();
-    for (i, b) in web.backends.iter().enumerate() {
-        if b.address != lb_tests::topology::backend_address(i) {
-            bail!(
-                "config/demo.yaml backend {} must be {}",
-                i,
-                lb_tests::topology::backend_address(i)
-            );
+    // Both families: the VIP and the i-th backend's address in each.
+    let families: [(IpAddr, fn(usize) -> IpAddr); 2] = [
+        (VIP.into(), |i| backend_address(i).into()),
+        (VIP6.into(), |i| backend_address6(i).into()),
+    ];
+    let mut weights: Vec<(String, u32)> = Vec::new();
+    for (vip, backend) in families {
+        let web = config
+            .vips
+            .iter()
+            .find(|v| v.port == TCP_PORT && v.address == vip)
+            .with_context(|| format!("config/demo.yaml needs a TCP VIP on {vip}"))?;
+        weights = web
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("b{}", i + 1), b.weight))
+            .collect();
+        for (i, b) in web.backends.iter().enumerate() {
+            if b.address != backend(i) {
+                bail!(
+                    "config/demo.yaml backend {i} of {vip} must be {}",
+                    backend(i)
+                );
+            }
         }
     }
 
     let names: Vec<&str> = weights.iter().map(|w| w.0.as_str()).collect();
     println!(
-        "Building the topology: client {CLIENT}, load balancer {LB}, backends {names:?}, VIP {VIP}"
+        "Building the topology: client {CLIENT} / {CLIENT6}, load balancer {LB} / {LB6}, \
+         backends {names:?}, VIPs {VIP} and {VIP6}"
     );
     let topo = L2Topology::new(&names)?;
     let mut lb = topo.start_lb(DEMO_CONFIG)?;
@@ -84,8 +92,51 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         topo.lb.name()
     );
 
+    for (vip, backend) in families {
+        let (tcp, udp) = send(&topo, vip, interrupted)?;
+        if interrupted.load(Ordering::SeqCst) {
+            println!("Interrupted; cleaning up.");
+            return Ok(());
+        }
+        print_spread(&weights, backend, &tcp, &udp);
+    }
     println!(
-        "Sending {FLOWS} TCP connections to {VIP}:{TCP_PORT} and {FLOWS} UDP exchanges with {VIP}:{UDP_PORT}..."
+        "Every answer came straight from a backend (direct server return): the load balancer's namespace forwards neither IPv4 nor IPv6."
+    );
+
+    let (status, log) = lb.terminate()?;
+    lb.lb_stop()?;
+    println!("lb stopped on SIGTERM ({status}); `lb stop` detached the program.");
+    // lb logs its counters (per VIP, per backend, per verdict) at debug level,
+    // last of all as it shuts down.
+    println!("\nThe XDP program's own counters, as lb logged them on shutdown:");
+    for line in log
+        .lines()
+        .filter(|l| l.contains("counters"))
+        .rev()
+        .take(config.vips.len() + 1)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!(
+            "  {}",
+            line.split_once("run: ").map_or(line, |(_, rest)| rest)
+        );
+    }
+    Ok(())
+}
+
+/// FLOWS TCP connections and FLOWS UDP exchanges from the client to `vip`.
+fn send(
+    topo: &L2Topology,
+    vip: IpAddr,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<(Tally, Tally)> {
+    println!(
+        "\nSending {FLOWS} TCP connections to {} and {FLOWS} UDP exchanges with {}...",
+        SocketAddr::new(vip, TCP_PORT),
+        SocketAddr::new(vip, UDP_PORT)
     );
     let mut tcp = Tally::default();
     let mut udp = Tally::default();
@@ -93,21 +144,20 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         merge(
             &mut tcp,
             topo.client
-                .enter(|| tcp_connections(SocketAddr::from((VIP, TCP_PORT)), BATCH))?,
+                .enter(move || tcp_connections(SocketAddr::new(vip, TCP_PORT), BATCH))?,
         );
         merge(
             &mut udp,
             topo.client
-                .enter(|| udp_exchanges(SocketAddr::from((VIP, UDP_PORT)), BATCH))?,
+                .enter(move || udp_exchanges(SocketAddr::new(vip, UDP_PORT), BATCH))?,
         );
     }
-    if interrupted.load(Ordering::SeqCst) {
-        println!("Interrupted; cleaning up.");
-        return Ok(());
-    }
+    Ok((tcp, udp))
+}
 
+/// Each backend's share of `tcp` and `udp` next to its weight's share.
+fn print_spread(weights: &[(String, u32)], address: fn(usize) -> IpAddr, tcp: &Tally, udp: &Tally) {
     let total_weight: u32 = weights.iter().map(|w| w.1).sum();
-    println!();
     println!(
         "{:<8} {:<12} {:>6} {:>9} {:>10} {:>9} {:>12} {:>9}",
         "backend",
@@ -128,13 +178,13 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         println!(
             "{:<8} {:<12} {:>6} {:>8.1}% {:>10} {:>8.1}% {:>12} {:>8.1}%",
             name,
-            lb_tests::topology::backend_address(i).to_string(),
+            address(i).to_string(),
             w,
             100.0 * *w as f64 / total_weight as f64,
             t,
-            100.0 * t as f64 / answered(&tcp),
+            100.0 * t as f64 / answered(tcp),
             u,
-            100.0 * u as f64 / answered(&udp),
+            100.0 * u as f64 / answered(udp),
         );
     }
     println!(
@@ -144,31 +194,6 @@ fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
         udp.failures,
         udp.attempts()
     );
-    println!(
-        "Every answer came straight from a backend (direct server return): the load balancer's namespace does not forward IP."
-    );
-
-    let (status, log) = lb.terminate()?;
-    lb.lb_stop()?;
-    println!("lb stopped on SIGTERM ({status}); `lb stop` detached the program.");
-    // lb logs its counters (per VIP, per backend, per verdict) at debug level,
-    // last of all as it shuts down.
-    println!("\nThe XDP program's own counters, as lb logged them on shutdown:");
-    for line in log
-        .lines()
-        .filter(|l| l.contains("counters"))
-        .rev()
-        .take(3)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-    {
-        println!(
-            "  {}",
-            line.split_once("run: ").map_or(line, |(_, rest)| rest)
-        );
-    }
-    Ok(())
 }
 
 fn merge(into: &mut Tally, batch: Tally) {
