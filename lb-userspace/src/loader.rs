@@ -108,13 +108,13 @@ impl Sizes {
             map_names::FLOWS => (
                 size_of::<FlowKey>(),
                 size_of::<FlowEntry>(),
-                Some(self.max_flows),
+                lru_capacity(self.max_flows),
                 FLOWS_MAP_FLAGS,
             ),
             map_names::FLOWS6 => (
                 size_of::<FlowKey6>(),
                 size_of::<FlowEntry>(),
-                Some(self.max_flows_v6),
+                lru_capacity(self.max_flows_v6),
                 FLOWS_MAP_FLAGS,
             ),
             _ => (0, 0, None, 0),
@@ -126,6 +126,24 @@ impl Sizes {
             flags,
         }
     }
+}
+
+/// The capacity the kernel gives a flow table created for `n` entries: with
+/// per-CPU LRU lists it rounds `n` to a multiple of the possible CPUs, so a
+/// pinned table is compared against that. `None` (not checked) when the CPU
+/// count cannot be read.
+fn lru_capacity(n: u32) -> Option<u32> {
+    let cpus = aya::util::nr_cpus().ok()?;
+    Some(per_cpu_lru_entries(n, cpus as u32))
+}
+
+/// `n` rounded up to a multiple of `cpus`, or down when that overflows, as
+/// the kernel's `htab_map_alloc` does for `BPF_F_NO_COMMON_LRU`.
+fn per_cpu_lru_entries(n: u32, cpus: u32) -> u32 {
+    let cpus = cpus.max(1);
+    n.div_ceil(cpus)
+        .checked_mul(cpus)
+        .unwrap_or(n / cpus * cpus)
 }
 
 /// Key and value sizes, capacity (for maps sized at load) and flags of a map.
@@ -430,6 +448,20 @@ mod tests {
         );
         assert!(!remove_pins(&dir).unwrap(), "nothing of lb's left");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn flow_tables_are_sized_like_the_kernel_sizes_per_cpu_lru_maps() {
+        assert_eq!(per_cpu_lru_entries(1024, 2), 1024);
+        assert_eq!(per_cpu_lru_entries(1025, 2), 1026);
+        assert_eq!(per_cpu_lru_entries(1024, 6), 1026);
+        assert_eq!(per_cpu_lru_entries(262_144, 48), 262_176);
+        assert_eq!(
+            per_cpu_lru_entries(u32::MAX, 2),
+            u32::MAX - 1,
+            "rounded down"
+        );
+        assert_eq!(per_cpu_lru_entries(7, 0), 7, "no CPU count: as is");
     }
 
     #[test]

@@ -385,3 +385,31 @@ fn table_swaps_are_atomic_under_traffic() {
     );
     println!("{checked} packets checked during {SWAPS} swaps");
 }
+
+/// The kernel rounds a per-CPU LRU map's capacity to a multiple of the
+/// possible CPUs; a restarted `lb` must still adopt the flow tables it pinned
+/// (1025 entries: rounded on any machine with an even CPU count).
+#[test]
+fn pinned_flow_tables_the_kernel_resized_are_adopted() {
+    if !root_or_skip("pinned_flow_tables_the_kernel_resized_are_adopted") {
+        return;
+    }
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = lb_userspace::loader::remove_pins(&self.0);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let pins = Pins(
+        std::path::PathBuf::from("/sys/fs/bpf").join(format!("lbt-{}-lru", std::process::id())),
+    );
+    let sizes = lb_userspace::loader::Sizes {
+        table_size: 251,
+        max_vips: 1,
+        max_flows: 1025,
+        max_flows_v6: 1025,
+    };
+    drop(lb_userspace::loader::load(sizes, Some(&pins.0)).expect("first load pins"));
+    lb_userspace::loader::load(sizes, Some(&pins.0)).expect("adopts its own pinned tables");
+}
