@@ -387,9 +387,10 @@ stats! {
 pub const STAT_COUNT: u32 = Stat::ALL.len() as u32;
 
 /// IPv6 extension headers (hop-by-hop, routing, fragment, destination
-/// options) the program walks to find the TCP or UDP header; RFC 8200's
-/// recommended order has at most four of them before the upper layer.
-pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// options) the program walks to find the TCP or UDP header: RFC 8200's
+/// recommended order puts at most five of them before the upper layer
+/// (destination options twice, around the routing and fragment headers).
+pub const MAX_IPV6_EXT_HEADERS: usize = 5;
 
 /// ICMP answers are limited per CPU by a token bucket holding up to
 /// `ICMP_BURST` answers and refilled by one every `ICMP_NS_PER_TOKEN` (1000

@@ -27,8 +27,10 @@ pub trait Family: Sized {
     fn hash(flow: &Flow<Self>, seed: u32) -> u32;
     /// The word `VIP_FILTER` is indexed by.
     fn filter_word(&self) -> u32;
-    /// The address as `VipKey` holds it (`lb_common::addr_key`).
-    fn key(&self) -> [u8; 16];
+    /// The address as `VipKey` holds it (`lb_common::addr_key`), or `None`
+    /// for an IPv6 address that is IPv4-mapped: the key of an IPv4 VIP,
+    /// which an IPv6 packet must never reach.
+    fn key(&self) -> Option<[u8; 16]>;
 }
 
 impl Family for [u8; 4] {
@@ -70,9 +72,9 @@ impl Family for [u8; 4] {
     }
 
     #[inline(always)]
-    fn key(&self) -> [u8; 16] {
+    fn key(&self) -> Option<[u8; 16]> {
         let [a, b, c, d] = *self;
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
+        Some([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
     }
 }
 
@@ -110,8 +112,9 @@ impl Family for [u8; 16] {
     }
 
     #[inline(always)]
-    fn key(&self) -> [u8; 16] {
-        *self
+    fn key(&self) -> Option<[u8; 16]> {
+        let mapped = self[..10].iter().all(|&b| b == 0) && self[10] == 0xff && self[11] == 0xff;
+        (!mapped).then_some(*self)
     }
 }
 
@@ -195,7 +198,7 @@ pub fn lookup<A: Family>(flow: &Flow<A>) -> Lookup<A::Key> {
 #[inline(always)]
 pub fn vip<A: Family>(flow: &Flow<A>) -> Result<VipEntry, Verdict> {
     let key = VipKey {
-        addr: flow.dst.key(),
+        addr: flow.dst.key().ok_or(Verdict::Pass(Stat::PassNotVip))?,
         port: flow.dport.to_be(),
         proto: flow.proto,
         _pad: 0,

@@ -248,7 +248,7 @@ const DEST_OPTIONS: u8 = 60;
 const PADN: [u8; 7] = [0, 1, 4, 0, 0, 0, 0];
 
 #[test]
-fn ipv6_extension_headers_are_walked_up_to_four() {
+fn ipv6_extension_headers_are_walked_up_to_five() {
     let Some(mut h) = harness("ipv6_extensions") else {
         return;
     };
@@ -256,7 +256,7 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
     let syn = |sport| tcp_syn(CLIENT6, sport, VIP6, 80);
     let routing_done = [0, 4, 0, 0, 0, 0, 0]; // type 4, no segments left
     let atomic_fragment = [0, 0, 0, 0, 0, 0, 1]; // offset 0, M clear
-    let walked: [(u16, Vec<Extension>); 4] = [
+    let walked: [(u16, Vec<Extension>); 5] = [
         (41001, vec![ext(HOP_BY_HOP, PADN, 0)]),
         (41002, vec![ext(DEST_OPTIONS, PADN, 2)]),
         (41003, vec![ext(FRAGMENT, atomic_fragment, 0)]),
@@ -269,17 +269,29 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
                 ext(FRAGMENT, atomic_fragment, 0),
             ],
         ),
+        // RFC 8200's recommended order at its longest.
+        (
+            41005,
+            vec![
+                ext(HOP_BY_HOP, PADN, 0),
+                ext(DEST_OPTIONS, PADN, 0),
+                ext(ROUTING, routing_done, 0),
+                ext(FRAGMENT, atomic_fragment, 0),
+                ext(DEST_OPTIONS, PADN, 1),
+            ],
+        ),
     ];
     for (sport, headers) in &walked {
         let input = with_ipv6_extensions(&syn(*sport), headers);
         let expected = h.expected_backend(&web6, CLIENT6, *sport);
         assert_forwarded(&h.run(&input).unwrap(), &input, expected);
     }
-    let five = vec![
+    let six = vec![
         ext(HOP_BY_HOP, PADN, 0),
         ext(DEST_OPTIONS, PADN, 0),
         ext(ROUTING, routing_done, 0),
         ext(FRAGMENT, atomic_fragment, 0),
+        ext(DEST_OPTIONS, PADN, 0),
         ext(DEST_OPTIONS, PADN, 0),
     ];
     let mut icmp6 = Vec::new();
@@ -290,8 +302,8 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
         .unwrap();
     let passed: [(&str, Vec<u8>, Stat); 6] = [
         (
-            "five extension headers",
-            with_ipv6_extensions(&syn(42001), &five),
+            "six extension headers",
+            with_ipv6_extensions(&syn(42001), &six),
             Stat::PassIpv6ExtHeaders,
         ),
         (
@@ -331,8 +343,8 @@ fn ipv6_extension_headers_are_walked_up_to_four() {
     assert_stats(
         &h,
         &[
-            (Stat::ActionTx, 4),
-            (Stat::FlowMissSyn, 4),
+            (Stat::ActionTx, 5),
+            (Stat::FlowMissSyn, 5),
             (Stat::ActionPass, 6),
             (Stat::PassIpv6ExtHeaders, 2),
             (Stat::PassFragment, 2),
@@ -583,4 +595,34 @@ fn a_malformed_ipv4_header_is_dropped_and_counted() {
         assert_eq!(h.run(p).unwrap().action, XDP_DROP);
     }
     assert_stats(&h, &[(Stat::ActionDrop, 2), (Stat::DropBadIpHeader, 2)]);
+}
+
+/// IPv4 VIPs sit in the VIP map under their IPv4-mapped IPv6 address; an
+/// IPv6 packet to that address must not reach them. The decoy VIP shares the
+/// mapped address's filter bit, so only the VIP lookup stands in the way.
+#[test]
+fn an_ipv6_packet_to_an_ipv4_mapped_address_never_reaches_an_ipv4_vip() {
+    if !root_or_skip("ipv4_mapped_destination") {
+        return;
+    }
+    let decoy: Ipv6Addr = "0:0:0:ffff::a4d:64".parse().unwrap();
+    let mapped = VIP.to_ipv6_mapped();
+    assert_eq!(
+        lb_common::vip_filter_bit_of(mapped.into()),
+        lb_common::vip_filter_bit_of(decoy.into()),
+        "the decoy opens the filter for the mapped address"
+    );
+    let config = format!(
+        "interface: lo\nmaglev: {{ table_size: 251 }}\nvips:\n\
+         \x20 - {{ name: web, address: {VIP}, port: 80, protocol: tcp, forwarding: l2, \
+         backends: [{{ address: {}, weight: 1 }}] }}\n\
+         \x20 - {{ name: decoy, address: \"{decoy}\", port: 80, protocol: tcp, forwarding: l2, \
+         backends: [{{ address: {}, weight: 1 }}] }}\n",
+        B[0], B[1]
+    );
+    let mut h = Harness::new(&config, &neighbours(B, TEST_RUN_IFINDEX)).unwrap();
+    let input = tcp_syn(CLIENT6, 40000, mapped, 80);
+    let out = h.run(&input).unwrap();
+    assert_eq!((out.action, &out.packet), (XDP_PASS, &input));
+    assert_stats(&h, &[(Stat::ActionPass, 1), (Stat::PassNotVip, 1)]);
 }
