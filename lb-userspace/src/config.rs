@@ -577,6 +577,8 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
         let mut seen = HashSet::new();
         let mut backends = Vec::with_capacity(v.backends.len());
+        // Each parsed backend address with its index in the file.
+        let mut addresses = Vec::with_capacity(v.backends.len());
         for (j, b) in v.backends.into_iter().enumerate() {
             let bat = format!("{at}.backends[{j}]");
             let address = parse_ip(&mut p, &format!("{bat}.address"), &b.address);
@@ -592,6 +594,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 );
             }
             if let Some(address) = address {
+                addresses.push((j, address));
                 backends.push(Backend {
                     address,
                     weight: b.weight.clamp(1, WEIGHT_MAX) as u32,
@@ -612,7 +615,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             (Some(text), Forwarding::Ipip) => parse_ip(&mut p, &format!("{at}.encap_source"), text),
         };
         if v.forwarding == Forwarding::Ipip {
-            check_tunnel_families(&mut p, &at, address, encap_source, &backends);
+            check_tunnel_families(&mut p, &at, address, encap_source, &addresses);
         }
         if v.icmp_too_big.is_some() && v.forwarding == Forwarding::L2 {
             p.add(
@@ -765,19 +768,19 @@ fn check_tunnel_families(
     at: &str,
     vip: Option<IpAddr>,
     encap_source: Option<IpAddr>,
-    backends: &[Backend],
+    backends: &[(usize, IpAddr)],
 ) {
-    let Some(first) = backends.first() else {
+    let Some(&(first, first_address)) = backends.first() else {
         return;
     };
-    let outer_v6 = first.address.is_ipv6();
+    let outer_v6 = first_address.is_ipv6();
     let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
-    for (j, b) in backends.iter().enumerate() {
-        if b.address.is_ipv6() != outer_v6 {
+    for &(j, address) in backends {
+        if address.is_ipv6() != outer_v6 {
             p.add(
                 format!("{at}.backends[{j}].address"),
                 format!(
-                    "is {} but backends[0] is {}: the backends of an ipip VIP share one family",
+                    "is {} but backends[{first}] is {}: the backends of an ipip VIP share one family",
                     family(!outer_v6),
                     family(outer_v6)
                 ),
@@ -804,6 +807,22 @@ fn check_tunnel_families(
     }
 }
 
+/// Why `a` cannot be a VIP, backend or tunnel source address: the load
+/// balancer neither sends to nor answers from these, and an IPv6 link-local
+/// address would need a zone (interface) the config has no place for.
+fn unusable(a: IpAddr) -> Option<&'static str> {
+    match a {
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_loopback() => Some("a loopback address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            Some("a link-local address (it needs an interface zone)")
+        }
+        _ => None,
+    }
+}
+
 fn parse_ip(p: &mut Problems, field: &str, text: &str) -> Option<IpAddr> {
     match text.parse::<IpAddr>() {
         // The maps hold IPv4 addresses IPv4-mapped: such an IPv6 address
@@ -815,7 +834,13 @@ fn parse_ip(p: &mut Problems, field: &str, text: &str) -> Option<IpAddr> {
             );
             None
         }
-        Ok(a) => Some(a),
+        Ok(a) => match unusable(a) {
+            Some(why) => {
+                p.add(field, format!("`{text}` is {why}"));
+                None
+            }
+            None => Some(a),
+        },
         Err(_) => {
             p.add(field, format!("`{text}` is not an IP address"));
             None
@@ -1023,6 +1048,29 @@ vips:
     }
 
     #[test]
+    fn rejects_addresses_nothing_can_be_balanced_to() {
+        for (address, why) in [
+            ("\"::\"", "unspecified"),
+            ("\"::1\"", "loopback"),
+            ("\"ff02::1\"", "multicast"),
+            ("\"fe80::1\"", "link-local"),
+            ("0.0.0.0", "unspecified"),
+            ("127.0.0.1", "loopback"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let e = error_with(
+                "198.51.100.11, weight: 100",
+                &format!("{address}, weight: 100"),
+            );
+            assert!(
+                e.contains("vips[0].backends[0].address") && e.contains(why),
+                "{address}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_ipv4_mapped_ipv6_addresses() {
         let e = error_with("address: 192.0.2.10", "address: \"::ffff:192.0.2.10\"");
         assert!(
@@ -1068,6 +1116,21 @@ vips:
         );
         assert!(
             e.contains("vips[0].encap_source") && e.contains("backends' family"),
+            "{e}"
+        );
+        // Errors name the backend's place in the file, unparsable ones
+        // included.
+        let text = GOOD
+            .replacen("forwarding: l2", "forwarding: ipip", 1)
+            .replacen("198.51.100.11", "bogus", 1)
+            .replacen(
+                "      - { address: 198.51.100.12, weight: 100 }\n",
+                "      - { address: 198.51.100.12, weight: 100 }\n      - { address: \"2001:db8:1::13\", weight: 1 }\n",
+                1,
+            );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("vips[0].backends[2].address: is IPv6 but backends[1] is IPv4"),
             "{e}"
         );
         // l2 only rewrites MACs: any family goes.
