@@ -78,10 +78,11 @@ pub fn frag_needed(ctx: &XdpContext, mtu: u16) -> Result<(), Stat> {
 
 /// Turns the packet (Ethernet + IPv6 directly followed by TCP or UDP) into an
 /// ICMPv6 "packet too big" answer to its sender carrying `mtu`, ready for
-/// XDP_TX. Refuses (`drop_too_big`, packet untouched) what RFC 4443 2.4
-/// forbids answering (a multicast, unspecified or loopback sender, a frame
-/// to a group MAC) and packets with extension headers, which the answer
-/// could not quote up to the ports.
+/// XDP_TX. Refuses (`drop_too_big`, packet untouched) a multicast,
+/// unspecified or loopback sender and a frame to a group MAC (stricter than
+/// RFC 4443 2.4, which lets "packet too big" answer multicast: no VIP is
+/// multicast, so such a packet is someone else's), and packets with
+/// extension headers, which the answer could not quote up to the ports.
 #[inline(always)]
 pub fn packet_too_big(ctx: &XdpContext, mtu: u32) -> Result<(), Stat> {
     let eth: EthHdr = read_at(ctx, 0).ok_or(Stat::DropTooBig)?;

@@ -19,7 +19,7 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::{
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::{RouteAddress, RouteAttribute},
+    route::{RouteAddress, RouteAttribute, RouteMetric},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -57,22 +57,24 @@ impl NeighbourTable {
         Ok(Self { handle })
     }
 
-    /// MAC (if any) and MTU of every interface, by index.
-    async fn links(&self) -> Result<BTreeMap<u32, ([u8; 6], u32)>, NeighbourError> {
+    /// MAC, MTU and name of every interface with a MAC, by index.
+    async fn links(&self) -> Result<BTreeMap<u32, Link>, NeighbourError> {
         let mut links = self.handle.link().get().execute();
         let mut found = BTreeMap::new();
         while let Some(link) = links.try_next().await? {
             let mut mac = None;
             let mut mtu = 0;
+            let mut name = String::new();
             for attr in &link.attributes {
                 match attr {
                     LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
                     LinkAttribute::Mtu(m) => mtu = *m,
+                    LinkAttribute::IfName(n) => name.clone_from(n),
                     _ => {}
                 }
             }
             if let Some(mac) = mac {
-                found.insert(link.header.index, (mac, mtu));
+                found.insert(link.header.index, Link { mac, mtu, name });
             }
         }
         Ok(found)
@@ -95,6 +97,7 @@ impl NeighbourTable {
             via: dst,
             oif: 0,
             src: None,
+            mtu: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -103,6 +106,14 @@ impl NeighbourTable {
                 RouteAttribute::Oif(i) => route.oif = i,
                 RouteAttribute::PrefSource(RouteAddress::Inet(s)) => route.src = Some(s.into()),
                 RouteAttribute::PrefSource(RouteAddress::Inet6(s)) => route.src = Some(s.into()),
+                // The route's own `mtu` (or a path MTU the kernel learned).
+                RouteAttribute::Metrics(metrics) => {
+                    for m in metrics {
+                        if let RouteMetric::Mtu(mtu) = m {
+                            route.mtu = Some(mtu);
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -203,6 +214,7 @@ impl NeighbourTable {
                     via: b,
                     oif: 0,
                     src: None,
+                    mtu: None,
                 },
             )
         });
@@ -231,7 +243,7 @@ impl NeighbourTable {
             }
             // The interface the frame leaves by is the neighbour's; for a
             // routed backend it is also the route's.
-            let Some(&(src_mac, mtu)) = links.get(&hop.ifindex) else {
+            let Some(link) = links.get(&hop.ifindex) else {
                 continue;
             };
             usable.insert(
@@ -239,9 +251,9 @@ impl NeighbourTable {
                 Neighbour {
                     ifindex: hop.ifindex,
                     mac: hop.mac,
-                    src_mac,
+                    src_mac: link.mac,
                     src_addr: route.src,
-                    mtu,
+                    mtu: egress_mtu(link, backend, route.mtu),
                 },
             );
         }
@@ -297,6 +309,32 @@ struct Route {
     via: IpAddr,
     oif: u32,
     src: Option<IpAddr>,
+    /// The route's MTU metric, if it has one.
+    mtu: Option<u32>,
+}
+
+struct Link {
+    mac: [u8; 6],
+    mtu: u32,
+    name: String,
+}
+
+/// The largest packet that may leave `link` towards `backend`: the link's
+/// MTU, lowered by the interface's IPv6 MTU for an IPv6 backend (router
+/// advertisements lower it without touching the link) and by the route's
+/// MTU metric. 0 when unknown.
+fn egress_mtu(link: &Link, backend: IpAddr, route_mtu: Option<u32>) -> u32 {
+    let ipv6_mtu = backend
+        .is_ipv6()
+        .then(|| std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/mtu", link.name)))
+        .and_then(Result::ok)
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    [Some(link.mtu), ipv6_mtu, route_mtu]
+        .into_iter()
+        .flatten()
+        .filter(|&m| m != 0)
+        .min()
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -316,5 +354,36 @@ fn provoke(addr: IpAddr) {
         .and_then(|s| s.send_to(&[], SocketAddr::new(addr, DISCARD_PORT)));
     if let Err(e) = sent {
         tracing::debug!(%addr, error = %e, "could not provoke neighbour resolution");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_egress_mtu_is_the_smallest_of_link_ipv6_device_and_route() {
+        let link = |mtu: u32, name: &str| Link {
+            mac: [2; 6],
+            mtu,
+            name: name.into(),
+        };
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(egress_mtu(&link(1500, "nonexistent0"), v4, None), 1500);
+        assert_eq!(
+            egress_mtu(&link(1500, "nonexistent0"), v6, Some(1400)),
+            1400
+        );
+        assert_eq!(egress_mtu(&link(0, "nonexistent0"), v4, None), 0, "unknown");
+        // lo's IPv6 MTU is its link MTU (65536) unless someone lowered it.
+        let lo_v6: u32 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/mtu")
+            .map_or(u32::MAX, |s| s.trim().parse().unwrap());
+        assert_eq!(
+            egress_mtu(&link(u32::MAX, "lo"), v6, None),
+            lo_v6,
+            "an IPv6 backend honours the interface's IPv6 MTU"
+        );
+        assert_eq!(egress_mtu(&link(u32::MAX, "lo"), v4, None), u32::MAX);
     }
 }
