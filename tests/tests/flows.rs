@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -294,6 +294,68 @@ fn udp_flows_expire_after_the_idle_timeout() {
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
         (20, 10),
         "idle flows are placed afresh"
+    );
+}
+
+/// The IPv6 flow table keeps the same promises as the IPv4 one: flows of a
+/// down backend are re-placed and the others stay; idle UDP flows expire.
+#[test]
+fn ipv6_flows_are_re_placed_off_a_down_backend_and_udp_flows_expire() {
+    if !root_or_skip("ipv6_flows") {
+        return;
+    }
+    let b6 = |i: u16| IpAddr::from(Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, i));
+    let (client, vip) = (
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2),
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100),
+    );
+    let list: String = [0x11, 0x12, 0x13]
+        .map(|i| format!("      - {{ address: \"{}\", weight: 1 }}\n", b6(i)))
+        .concat();
+    let text = format!(
+        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\n\
+         flow_table: {{ udp_idle_timeout: 1s }}\nvips:\n\
+         \x20 - name: web6\n    address: \"{vip}\"\n    port: 80\n    protocol: tcp\n    forwarding: l2\n    backends:\n{list}\
+         \x20 - name: dns6\n    address: \"{vip}\"\n    port: 53\n    protocol: udp\n    forwarding: l2\n    backends:\n{list}"
+    );
+    let all = [0x11, 0x12, 0x13].map(b6);
+    let mut h = Harness::new(&text, &neighbours(all, TEST_RUN_IFINDEX)).unwrap();
+    let send = |h: &mut Harness, p: Vec<u8>| {
+        let out = h.run(&p).unwrap();
+        assert_eq!(out.action, XDP_TX);
+        h.backend_of(&out).expect("a backend MAC")
+    };
+    let flows: BTreeMap<u16, IpAddr> = (33000..33300)
+        .map(|sport| (sport, send(&mut h, tcp_syn(client, sport, vip, 80))))
+        .collect();
+    let key = vip_key(&h.config.vips[0]);
+    h.apply(&Health::from([((key, b6(0x12)), false)])).unwrap();
+    let mut moved = 0;
+    for (&sport, &before) in &flows {
+        let after = send(&mut h, tcp_ack(client, sport, vip, 80));
+        if before == b6(0x12) {
+            assert_ne!(after, before, "flow {sport} left the down backend");
+            moved += 1;
+        } else {
+            assert_eq!(after, before, "flow {sport} stays");
+        }
+    }
+    assert!(moved > 0);
+    assert_eq!(stat(&h, Stat::FlowReplaced), moved);
+
+    for sport in 2000..2010 {
+        send(&mut h, udp(client, sport, vip, 53, b"q"));
+        send(&mut h, udp(client, sport, vip, 53, b"q"));
+    }
+    let hits = stat(&h, Stat::FlowHit);
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    for sport in 2000..2010 {
+        send(&mut h, udp(client, sport, vip, 53, b"q"));
+    }
+    assert_eq!(
+        (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
+        (300 + 20, hits),
+        "idle IPv6 UDP flows are placed afresh"
     );
 }
 
