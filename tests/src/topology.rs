@@ -12,7 +12,9 @@
 //! Routed ([`Topology::routed`], `ipip` forwarding): the backends sit on
 //! 10.99.0.0/24 and fd00:99::/64 behind a router (10.77.0.1 / fd00:77::1 on
 //! the front segment, 10.99.0.1 / fd00:99::1 on the back one) and run
-//! `lb decap`.
+//! `lb decap`. [`Topology::routed_via_link_local`] is the same, except that
+//! the client and the load balancer reach fd00:99::/64 via the router's
+//! link-local address fe80::1 on eth0, as real IPv6 routes usually do.
 //!
 //! The client routes the VIPs via the load balancer; the load balancer's
 //! namespace forwards neither IPv4 nor IPv6, so only the XDP program (MAC
@@ -77,6 +79,11 @@ pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
 /// The router's IPv6 address on the backends' segment.
 pub const ROUTER6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
 
+/// The router's fixed link-local address on the load balancer's segment
+/// (next to the one the kernel derives from its MAC), the IPv6 next hop of
+/// [`Layout::RoutedViaLinkLocal`].
+pub const ROUTER6_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// The i-th backend's address behind the router (10.99.0.11, .12, ...).
 pub fn routed_backend_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, 0, 11 + i as u8)
@@ -101,8 +108,19 @@ pub enum Layout {
     /// On the load balancer's segment (`l2` forwarding).
     SameSegment,
     /// On another segment behind a router, each running `lb decap`
-    /// (`ipip` forwarding).
+    /// (`ipip` forwarding). IPv6 goes via the router's global address
+    /// [`ROUTER6`].
     Routed,
+    /// [`Routed`](Self::Routed), but the client and the load balancer route
+    /// fd00:99::/64 via the router's link-local [`ROUTER6_LINK_LOCAL`] on
+    /// eth0 (IPv4 still via [`ROUTER`]).
+    RoutedViaLinkLocal,
+}
+
+impl Layout {
+    fn routed(self) -> bool {
+        matches!(self, Layout::Routed | Layout::RoutedViaLinkLocal)
+    }
 }
 
 /// Fields drop in declaration order: servers, decap processes and the load
@@ -158,6 +176,13 @@ impl Topology {
         Self::build(backend_names, Layout::Routed)
     }
 
+    /// [`routed`](Self::routed) with the IPv6 routes to fd00:99::/64 via the
+    /// router's link-local address `fe80::1` on eth0 (see
+    /// [`Layout::RoutedViaLinkLocal`]).
+    pub fn routed_via_link_local(backend_names: &[&str]) -> anyhow::Result<Topology> {
+        Self::build(backend_names, Layout::RoutedViaLinkLocal)
+    }
+
     /// Builds the topology with one backend per name, each running a TCP
     /// server on port 80 and UDP servers on VIP:5353 and [VIP6]:5353 that
     /// answer with the backend's name, in both families.
@@ -192,7 +217,7 @@ impl Topology {
         let mut switches = vec![front];
         let (router, back) = match layout {
             Layout::SameSegment => (None, None),
-            Layout::Routed => {
+            Layout::Routed | Layout::RoutedViaLinkLocal => {
                 let back = switch()?;
                 let router = namespace("router")?;
                 plug_as(&switches[0], &router, "p-router", "eth0", ROUTER, ROUTER6)?;
@@ -202,16 +227,28 @@ impl Topology {
                 for dev in ["all", "default", "eth0", "eth1"] {
                     router.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
                 }
+                // The IPv6 next hop, and with a link-local one its interface
+                // (a link-local address is only unique per link).
+                let (via6, dev6) = if layout == Layout::RoutedViaLinkLocal {
+                    router.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{ROUTER6_LINK_LOCAL}/64"),
+                        "dev",
+                        "eth0",
+                        "nodad",
+                    ])?;
+                    (ROUTER6_LINK_LOCAL, &["dev", "eth0"][..])
+                } else {
+                    (ROUTER6, &[][..])
+                };
+                let via6 = via6.to_string();
                 for ns in [&client, &lb] {
                     ns.ip(&["route", "add", "10.99.0.0/24", "via", &ROUTER.to_string()])?;
-                    ns.ip(&[
-                        "-6",
-                        "route",
-                        "add",
-                        "fd00:99::/64",
-                        "via",
-                        &ROUTER6.to_string(),
-                    ])?;
+                    let mut route = vec!["-6", "route", "add", "fd00:99::/64", "via", &via6];
+                    route.extend(dev6);
+                    ns.ip(&route)?;
                 }
                 (Some(router), Some(back))
             }
@@ -254,7 +291,7 @@ impl Topology {
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_ignore"), "1")?;
                 ns.sysctl(&format!("net.ipv4.conf.{dev}.arp_announce"), "2")?;
             }
-            if layout == Layout::Routed {
+            if layout.routed() {
                 decaps.push(DecapProcess::start(&ns)?);
             }
             servers.push(Server::start(&ns, name)?);

@@ -15,8 +15,8 @@ use lb_common::Stat;
 use lb_tests::{
     root::root_or_skip,
     topology::{
-        HEALTH_PORT, LbProcess, TCP_PORT, Topology, UDP_PORT, VIP, VIP6, routed_backend_address,
-        routed_backend_address6,
+        HEALTH_PORT, LbProcess, ROUTER6, ROUTER6_LINK_LOCAL, TCP_PORT, Topology, UDP_PORT, VIP,
+        VIP6, routed_backend_address, routed_backend_address6,
     },
     traffic::{Tally, tcp_connections, udp_exchanges},
 };
@@ -122,6 +122,75 @@ fn ip6ip6_and_ipv4_in_ipv6_spread_tcp_and_udp_over_routed_ipv6_backends() {
         assert_all_served(what, tally, FLOWS_4IN6, &lb);
     }
     assert_nothing_dropped(&lb);
+}
+
+/// The usual IPv6 default route points at a router's link-local address,
+/// which names a router only together with the link. Here the load balancer
+/// (and the client) reach the routed IPv6 backends via the router's fe80::1
+/// on eth0; `lb` resolves that next hop on the route's interface and IP6IP6
+/// reaches every backend, with nothing dropped for want of a neighbour.
+#[test]
+fn ip6ip6_through_a_link_local_next_hop_reaches_every_routed_backend() {
+    if !root_or_skip("ip6ip6_through_a_link_local_next_hop_reaches_every_routed_backend") {
+        return;
+    }
+    const FLOWS_LL: usize = 300;
+    let names: Vec<&str> = WEIGHTS.iter().map(|w| w.0).collect();
+    let topo = Topology::routed_via_link_local(&names).expect("topology");
+    // The premise: the load balancer's route to every backend goes via the
+    // link-local address, on eth0.
+    for i in 0..WEIGHTS.len() {
+        let route = ip(
+            &topo,
+            &[
+                "-6",
+                "route",
+                "get",
+                &routed_backend_address6(i).to_string(),
+            ],
+        );
+        assert!(
+            route.contains(&format!("via {ROUTER6_LINK_LOCAL} dev eth0")),
+            "route to backend {i}: {route}"
+        );
+    }
+    let lb = topo
+        .start_lb(&config(&vips("6", VIP6.into(), &backends6(&WEIGHTS))))
+        .expect("lb run");
+
+    let tcp = topo
+        .client
+        .enter(|| tcp_connections(SocketAddr::from((VIP6, TCP_PORT)), FLOWS_LL))
+        .unwrap();
+    let udp = topo
+        .client
+        .enter(|| udp_exchanges(SocketAddr::from((VIP6, UDP_PORT)), FLOWS_LL))
+        .unwrap();
+    println!("link-local next hop tcp: {tcp:?}\nlink-local next hop udp: {udp:?}");
+    let neigh = ip(&topo, &["-6", "neigh", "show", "dev", "eth0"]);
+    println!("lb's IPv6 neighbours on eth0:\n{neigh}");
+    for (what, tally) in [("tcp", &tcp), ("udp", &udp)] {
+        assert_all_served(what, tally, FLOWS_LL, &lb);
+    }
+    assert_nothing_dropped(&lb);
+    // The next hop the load balancer resolved is the link-local one; the
+    // router's global address was never needed.
+    assert!(
+        neigh
+            .lines()
+            .any(|l| l.starts_with(&format!("{ROUTER6_LINK_LOCAL} "))),
+        "no neighbour entry for {ROUTER6_LINK_LOCAL}:\n{neigh}"
+    );
+    assert!(
+        !neigh.lines().any(|l| l.starts_with(&format!("{ROUTER6} "))),
+        "{ROUTER6} was resolved, so something routed via it:\n{neigh}"
+    );
+}
+
+/// `ip ARGS` in the load balancer's namespace, its output as text.
+fn ip(topo: &Topology, args: &[&str]) -> String {
+    let out = topo.lb.ip(args).expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `flows` attempts, none failed, and every backend of [`WEIGHTS`] answered

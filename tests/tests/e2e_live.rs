@@ -7,7 +7,7 @@
 //! events, so they should not compete for the two CPUs).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -15,28 +15,46 @@ use std::{
 use lb_common::Stat;
 use lb_tests::{
     root::root_or_skip,
-    topology::{HEALTH_PORT, L2Topology, LbProcess, TCP_PORT, VIP, backend_address},
+    topology::{
+        HEALTH_PORT, L2Topology, LbProcess, TCP_PORT, VIP, VIP6, backend_address, backend_address6,
+    },
     traffic::{Attempt, Conn, LongLived, NewConnections, tcp_connections},
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const WEB: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(VIP), TCP_PORT);
+const WEB: SocketAddr = SocketAddr::new(IpAddr::V4(VIP), TCP_PORT);
+const WEB6: SocketAddr = SocketAddr::new(IpAddr::V6(VIP6), TCP_PORT);
 
-/// A config with one TCP VIP over backends `(index, weight, state)`.
-fn config(backends: &[(usize, u32, &str)], health_check: &str, on_all_down: &str) -> String {
+/// Backend `i`'s address in `vip`'s family.
+fn backend(vip: IpAddr, i: usize) -> IpAddr {
+    match vip {
+        IpAddr::V4(_) => backend_address(i).into(),
+        IpAddr::V6(_) => backend_address6(i).into(),
+    }
+}
+
+/// A config with one TCP VIP on `vip` over backends `(index, weight,
+/// state)`, addressed in the VIP's family.
+fn config(
+    vip: IpAddr,
+    backends: &[(usize, u32, &str)],
+    health_check: &str,
+    on_all_down: &str,
+) -> String {
+    // Addresses are quoted: an IPv6 address is full of colons.
     let list: String = backends
         .iter()
         .map(|&(i, w, state)| {
             format!(
-                "      - {{ address: {}, weight: {w}, state: {state} }}\n",
-                backend_address(i)
+                "      - {{ address: \"{}\", weight: {w}, state: {state} }}\n",
+                backend(vip, i)
             )
         })
         .collect();
     format!(
         "interface: eth0\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n\
-         \x20 - name: web\n    address: {VIP}\n    port: {TCP_PORT}\n    protocol: tcp\n    forwarding: l2\n\
+         \x20 - name: web\n    address: \"{vip}\"\n    port: {TCP_PORT}\n    protocol: tcp\n    forwarding: l2\n\
          \x20   health_check: {health_check}\n    on_all_down: {on_all_down}\n    backends:\n{list}"
     )
 }
@@ -74,7 +92,7 @@ fn swap_latencies_us(log: &str, up: Option<bool>) -> Vec<u64> {
 
 /// `detection_to_swap_us` of the swaps after `backend` (if given) went up or
 /// down (if `up` says which).
-fn swaps_of(log: &str, backend: Option<std::net::Ipv4Addr>, up: Option<bool>) -> Vec<u64> {
+fn swaps_of(log: &str, backend: Option<IpAddr>, up: Option<bool>) -> Vec<u64> {
     log.lines()
         .filter(|l| l.contains("table swapped"))
         .filter(|l| backend.is_none_or(|b| l.contains(&format!("backend={b} "))))
@@ -102,6 +120,7 @@ fn a_failed_backend_stops_costing_connections_and_rejoins_when_back() {
     let check = "{ interval: 500ms, timeout: 300ms, rise: 2, fall: 2 }";
     let lb = topo
         .start_lb(&config(
+            VIP.into(),
             &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
             check,
             "fail_open",
@@ -181,6 +200,7 @@ fn every_health_transition_swaps_the_table() {
         format!("{{ port: {HEALTH_PORT}, interval: 200ms, timeout: 150ms, rise: 1, fall: 1 }}");
     let lb = topo
         .start_lb(&config(
+            VIP.into(),
             &[(0, 1, "active"), (1, 1, "active")],
             &check,
             "fail_open",
@@ -190,7 +210,7 @@ fn every_health_transition_swaps_the_table() {
         for (on, n) in [(false, 2 * cycle + 1), (true, 2 * cycle + 2)] {
             topo.set_health(1, on).unwrap();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while swaps_of(&lb.log(), Some(backend_address(1)), None).len() < n {
+            while swaps_of(&lb.log(), Some(backend_address(1).into()), None).len() < n {
                 assert!(
                     Instant::now() < deadline,
                     "cycle {cycle}: no swap after health {on}:\n{}",
@@ -200,7 +220,7 @@ fn every_health_transition_swaps_the_table() {
             }
         }
     }
-    let mut down = swaps_of(&lb.log(), Some(backend_address(1)), Some(false));
+    let mut down = swaps_of(&lb.log(), Some(backend_address(1).into()), Some(false));
     assert_eq!(down.len(), 20);
     down.sort();
     println!(
@@ -224,7 +244,9 @@ fn established_connections_survive_backend_set_changes() {
         (2, 1, "active"),
         (3, 1, "disabled"),
     ];
-    let lb = topo.start_lb(&config(&start, &check, "fail_open")).unwrap();
+    let lb = topo
+        .start_lb(&config(VIP.into(), &start, &check, "fail_open"))
+        .unwrap();
     let conns = LongLived::open(&topo.client, WEB, 200).unwrap();
 
     // Add b5.
@@ -235,7 +257,7 @@ fn established_connections_survive_backend_set_changes() {
         (3, 1, "disabled"),
         (4, 1, "active"),
     ];
-    reload(&lb, &config(&added, &check, "fail_open"));
+    reload(&lb, &config(VIP.into(), &added, &check, "fail_open"));
     let probe = topo.client.enter(|| tcp_connections(WEB, 100)).unwrap();
     assert!(
         probe.by_backend.contains_key("b5"),
@@ -249,7 +271,7 @@ fn established_connections_survive_backend_set_changes() {
         (2, 1, "active"),
         (4, 1, "active"),
     ];
-    reload(&lb, &config(&removed, &check, "fail_open"));
+    reload(&lb, &config(VIP.into(), &removed, &check, "fail_open"));
     std::thread::sleep(Duration::from_secs(1));
     // Change a weight.
     let reweighted = [
@@ -258,7 +280,7 @@ fn established_connections_survive_backend_set_changes() {
         (2, 1, "active"),
         (4, 1, "active"),
     ];
-    reload(&lb, &config(&reweighted, &check, "fail_open"));
+    reload(&lb, &config(VIP.into(), &reweighted, &check, "fail_open"));
     std::thread::sleep(Duration::from_secs(1));
 
     let report = conns.finish();
@@ -290,6 +312,7 @@ fn a_draining_backend_keeps_its_connections_and_gets_no_new_ones() {
     let check = health_port_check();
     let lb = topo
         .start_lb(&config(
+            VIP.into(),
             &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
             &check,
             "fail_open",
@@ -300,6 +323,7 @@ fn a_draining_backend_keeps_its_connections_and_gets_no_new_ones() {
     reload(
         &lb,
         &config(
+            VIP.into(),
             &[(0, 1, "active"), (1, 1, "drain"), (2, 1, "active")],
             &check,
             "fail_open",
@@ -343,7 +367,9 @@ fn all_backends_down_fails_open_or_drops_as_configured() {
     let mut topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
     let check = health_port_check();
     let all = [(0, 1, "active"), (1, 1, "active"), (2, 1, "active")];
-    let lb = topo.start_lb(&config(&all, &check, "fail_open")).unwrap();
+    let lb = topo
+        .start_lb(&config(VIP.into(), &all, &check, "fail_open"))
+        .unwrap();
     for i in 0..3 {
         topo.set_health(i, false).unwrap();
     }
@@ -356,7 +382,7 @@ fn all_backends_down_fails_open_or_drops_as_configured() {
     assert_eq!(open.failures, 0, "fail_open keeps every active backend");
     assert_eq!(open.by_backend.len(), 3);
 
-    reload(&lb, &config(&all, &check, "drop"));
+    reload(&lb, &config(VIP.into(), &all, &check, "drop"));
     let drops_before = lb.stat(Stat::DropNoBackend).unwrap();
     // Each attempt waits out its connect timeout, so a few prove the point.
     let dropped = topo.client.enter(|| tcp_connections(WEB, 5)).unwrap();
@@ -378,6 +404,7 @@ fn an_invalid_reload_changes_nothing() {
     let topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
     let check = health_port_check();
     let good = config(
+        VIP.into(),
         &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
         &check,
         "fail_open",
@@ -423,6 +450,17 @@ fn an_invalid_reload_changes_nothing() {
     );
 }
 
+/// `times` times: half a second of traffic, `kill -9`, `down` without lb,
+/// restart (waiting until it has attached again).
+fn kill_9_and_restart(lb: &mut LbProcess, times: usize, down: Duration) {
+    for _ in 0..times {
+        std::thread::sleep(Duration::from_millis(500));
+        lb.kill9().unwrap();
+        std::thread::sleep(down);
+        lb.restart().unwrap();
+    }
+}
+
 #[test]
 fn kill_9_and_restart_drop_nothing() {
     if !root_or_skip("kill_9_and_restart_drop_nothing") {
@@ -433,6 +471,7 @@ fn kill_9_and_restart_drop_nothing() {
     let check = health_port_check();
     let mut lb = topo
         .start_lb(&config(
+            VIP.into(),
             &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
             &check,
             "fail_open",
@@ -441,12 +480,7 @@ fn kill_9_and_restart_drop_nothing() {
     let conns = LongLived::open(&topo.client, WEB, 200).unwrap();
     let stream = NewConnections::start(&topo.client, WEB, Duration::from_millis(10)).unwrap();
 
-    for _ in 0..5 {
-        std::thread::sleep(Duration::from_millis(500));
-        lb.kill9().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
-        lb.restart().unwrap();
-    }
+    kill_9_and_restart(&mut lb, 5, Duration::from_secs(2));
     std::thread::sleep(Duration::from_secs(1));
     let attempts = stream.finish().unwrap();
     let report = conns.finish();
@@ -465,4 +499,112 @@ fn kill_9_and_restart_drop_nothing() {
     );
     assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
     assert_eq!(failed(&attempts), 0);
+}
+
+/// The IPv6 counterpart of the restart and failover tests: an IPv6 VIP over
+/// IPv6 backends (`l2`). Three `kill -9` restarts under long-lived
+/// connections break none and fail no new connection; then the restarted lb
+/// takes a backend whose health check fails out of the table (its service
+/// keeps answering, so only the table can keep connections away from it)
+/// and back in once it passes again, without a failed connection throughout.
+#[test]
+fn ipv6_vip_survives_kill_9_restarts_and_fails_over_on_health() {
+    if !root_or_skip("ipv6_vip_survives_kill_9_restarts_and_fails_over_on_health") {
+        return;
+    }
+    const RESTARTS: usize = 3;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    // health_port_check's timing: interval 300ms, rise 2, fall 2.
+    let (interval, rise, fall) = (Duration::from_millis(300), 2u32, 2u32);
+    let mut lb = topo
+        .start_lb(&config(
+            VIP6.into(),
+            &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+            &health_port_check(),
+            "fail_open",
+        ))
+        .unwrap();
+    let conns = LongLived::open(&topo.client, WEB6, 100).unwrap();
+    let stream = NewConnections::start(&topo.client, WEB6, Duration::from_millis(10)).unwrap();
+
+    kill_9_and_restart(&mut lb, RESTARTS, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
+    // b2's probes fail from here on; its service still answers.
+    let report = conns.finish();
+    let failing = Instant::now();
+    topo.set_health(1, false).unwrap();
+    let settled = failing + interval * fall + Duration::from_secs(1);
+    std::thread::sleep(settled - Instant::now());
+    let accepted_at_settled = topo.served()[1].1;
+    std::thread::sleep(Duration::from_secs(2));
+    let accepted_at_passing = topo.served()[1].1;
+    let passing = Instant::now();
+    topo.set_health(1, true).unwrap();
+    let rejoined = passing + interval * rise + Duration::from_secs(1);
+    std::thread::sleep(rejoined - Instant::now() + Duration::from_secs(2));
+    let attempts = stream.finish().unwrap();
+
+    let b2_while_down: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.at >= settled && a.at < passing && a.backend.as_deref() == Some("b2"))
+        .collect();
+    let down_window = attempts
+        .iter()
+        .filter(|a| a.at >= settled && a.at < passing)
+        .count();
+    let b2_back = attempts
+        .iter()
+        .filter(|a| a.at >= rejoined && a.backend.as_deref() == Some("b2"))
+        .count();
+    println!(
+        "{RESTARTS} kill -9 restarts: {} long-lived IPv6 connections ({} broken) over {:?}; \
+         {} new connections ({} failed); b2 while down: {} of {down_window}; b2 after \
+         rejoining: {b2_back}",
+        report.len(),
+        broken(&report).len(),
+        per_backend(&report),
+        attempts.len(),
+        failed(&attempts),
+        b2_while_down.len()
+    );
+    assert_eq!(
+        lb.log()
+            .matches("adopting the pinned program state")
+            .count(),
+        RESTARTS
+    );
+    assert_eq!(report.len(), 100);
+    assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
+    assert_eq!(per_backend(&report).len(), 3, "long-lived on every backend");
+    assert_eq!(
+        failed(&attempts),
+        0,
+        "no new connection fails; lb log:\n{}",
+        lb.log()
+    );
+    assert!(
+        down_window > 0,
+        "connections were attempted while b2 was down"
+    );
+    assert!(
+        b2_while_down.is_empty(),
+        "no new connection reaches b2 after fall*interval+1s: {b2_while_down:?}"
+    );
+    assert!(
+        b2_back > 0,
+        "b2 receives new connections after rise*interval+1s"
+    );
+    let b2 = Some(backend_address6(1).into());
+    assert_eq!(
+        swaps_of(&lb.log(), b2, Some(false)).len(),
+        1,
+        "{}",
+        lb.log()
+    );
+    assert_eq!(swaps_of(&lb.log(), b2, Some(true)).len(), 1, "{}", lb.log());
+    assert_eq!(
+        accepted_at_passing, accepted_at_settled,
+        "b2's server accepted nothing new while it was down"
+    );
 }
