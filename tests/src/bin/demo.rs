@@ -26,6 +26,8 @@ use lb_userspace::config::Config;
 /// The embedded default configuration; its addresses match the topology.
 const DEMO_CONFIG: &str = include_str!("../../../config/demo.yaml");
 const FLOWS: usize = 1500;
+/// The i-th backend's address in one family.
+type BackendAddress = fn(usize) -> IpAddr;
 /// Traffic is sent in batches so Ctrl-C is noticed within one batch.
 const BATCH: usize = 100;
 
@@ -53,7 +55,7 @@ fn main() -> ExitCode {
 fn demo(interrupted: &AtomicBool) -> anyhow::Result<()> {
     let config = Config::parse(DEMO_CONFIG, Path::new("config/demo.yaml"))?;
     // Both families: the VIP and the i-th backend's address in each.
-    let families: [(IpAddr, fn(usize) -> IpAddr); 2] = [
+    let families: [(IpAddr, BackendAddress); 2] = [
         (VIP.into(), |i| backend_address(i).into()),
         (VIP6.into(), |i| backend_address6(i).into()),
     ];
@@ -156,7 +158,7 @@ fn send(
 }
 
 /// Each backend's share of `tcp` and `udp` next to its weight's share.
-fn print_spread(weights: &[(String, u32)], address: fn(usize) -> IpAddr, tcp: &Tally, udp: &Tally) {
+fn print_spread(weights: &[(String, u32)], address: BackendAddress, tcp: &Tally, udp: &Tally) {
     let total_weight: u32 = weights.iter().map(|w| w.1).sum();
     println!(
         "{:<8} {:<12} {:>6} {:>9} {:>10} {:>9} {:>12} {:>9}",
