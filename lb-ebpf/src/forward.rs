@@ -73,9 +73,9 @@ pub fn ipip(ctx: &XdpContext, backend: &BackendEntry) -> Result<Verdict, Verdict
 /// packet (IP6IP6 for an IPv6 packet, IPv4-in-IPv6 for an IPv4 one), from the
 /// VIP's encapsulation source to the backend. Every byte is written: version,
 /// traffic class (copied from the inner TOS or traffic class), flow label
-/// (the flow hash, RFC 6438, so the backend's NIC can spread tunnelled flows
-/// over its receive queues), payload length, next header, hop limit 64 and
-/// both addresses. IPv6 has no header checksum.
+/// (the flow hash, RFC 6438: the only per-flow field of the outer header,
+/// for routers and receivers that spread flows by it), payload length, next
+/// header, hop limit 64 and both addresses. IPv6 has no header checksum.
 #[inline(always)]
 pub fn ip6(
     ctx: &XdpContext,
