@@ -2,9 +2,11 @@
 //! namespaces, the L2 direct-server-return topology, backend servers, client
 //! traffic, and a BPF_PROG_TEST_RUN harness for the XDP program.
 
+pub mod addresses;
 pub mod bench;
 pub mod netns;
 pub mod packet;
 pub mod root;
 pub mod topology;
 pub mod traffic;
+pub mod xdp;
