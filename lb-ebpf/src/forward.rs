@@ -13,10 +13,9 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{
-    Verdict, csum, icmp,
-    packet::{ptr_at, read_at},
-};
+use lb_ebpf::{ptr_at, read_at};
+
+use crate::{Verdict, csum, icmp};
 
 /// `l2` mode: the backend is on a segment this host is attached to. Rewrite the
 /// destination MAC to the backend's and the source MAC to the egress

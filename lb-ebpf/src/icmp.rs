@@ -18,11 +18,9 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{
-    csum,
-    maps::ICMP_BUCKET,
-    packet::{ptr_at, read_at},
-};
+use lb_ebpf::{ptr_at, read_at};
+
+use crate::{csum, maps::ICMP_BUCKET};
 
 /// Length of the ICMP and ICMPv6 headers (type, code, checksum, 4 more).
 const ICMP_HEADER: usize = 8;

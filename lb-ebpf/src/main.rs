@@ -157,9 +157,3 @@ fn add_traffic(map: &aya_ebpf::maps::PerCpuArray<Traffic>, index: u32, bytes: u6
         }
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}

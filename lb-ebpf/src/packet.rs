@@ -1,5 +1,4 @@
-//! Bounds-checked access to packet memory and header parsing. Every read of
-//! the packet goes through [`ptr_at`].
+//! Header parsing. Every read of the packet goes through `lb_ebpf::ptr_at`.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, Stat};
@@ -10,6 +9,8 @@ use network_types::{
     udp::UdpHdr,
 };
 
+use lb_ebpf::{ptr_at, read_at};
+
 use crate::Verdict;
 
 /// IPv6 extension headers walked to reach TCP or UDP (RFC 8200).
@@ -17,28 +18,6 @@ const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTIONS: u8 = 60;
-
-/// A pointer to a `T` at byte `offset` of the packet, or `None` when the packet
-/// ends before the whole `T`. The check is written against `data_end` so the
-/// verifier accepts later dereferences.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-/// A copy of the `T` at `offset`, bounds-checked (a copy, because the
-/// helpers that move the packet's head and tail invalidate references).
-#[inline(always)]
-pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    let p: *const T = ptr_at(ctx, offset)?;
-    // SAFETY: bounds-checked by ptr_at.
-    Some(unsafe { *p })
-}
 
 /// The fields of a TCP/UDP packet that select a VIP and a backend; `A` is
 /// the address as it sits in the packet: `[u8; 4]` or `[u8; 16]`. Ports are

@@ -6,6 +6,9 @@
 #![no_std]
 #![no_main]
 
+// Linked for its panic handler.
+use lb_ebpf as _;
+
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -74,10 +77,4 @@ pub fn xdp_tx_swap(ctx: XdpContext) -> u32 {
         *macs = swapped;
     }
     xdp_action::XDP_TX
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

@@ -18,6 +18,7 @@ use lb_common::{
     addr_key,
     decap::{DECAP_MAX_ADDRS, DecapStat, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6},
 };
+use lb_ebpf::ptr_at;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -31,15 +32,6 @@ static DECAP_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(DECAP_MAX_
 /// `lb_common::decap::DecapStat` counters, per CPU.
 #[map]
 static DECAP_STATS: PerCpuArray<DecapStats> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + offset + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
@@ -134,10 +126,4 @@ fn decap(ctx: &XdpContext) -> (u32, DecapStat) {
         return (xdp_action::XDP_DROP, DecapStat::Malformed);
     }
     (xdp_action::XDP_PASS, DecapStat::Decapsulated)
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }
