@@ -405,24 +405,32 @@ pub type StatBlock = [u64; STAT_COUNT as usize];
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
-    // byte arrays, and have no implicit padding (checked by the size asserts).
-    unsafe impl aya::Pod for super::VipKey {}
-    unsafe impl aya::Pod for super::VipEntry {}
-    unsafe impl aya::Pod for super::BackendEntry {}
-    unsafe impl aya::Pod for super::GlobalConfig {}
-    unsafe impl aya::Pod for super::Traffic {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowKey6 {}
-    unsafe impl aya::Pod for super::FlowEntry {}
+    /// Marks map keys and values as plain old data for aya.
+    macro_rules! pod {
+        ($($t:ident),*) => {$(
+            // SAFETY: #[repr(C)], Copy, made only of integers and byte arrays,
+            // and without implicit padding (checked by the size asserts).
+            unsafe impl aya::Pod for super::$t {}
+        )*};
+    }
+    pod!(
+        VipKey,
+        VipEntry,
+        BackendEntry,
+        GlobalConfig,
+        Traffic,
+        FlowKey,
+        FlowKey6,
+        FlowEntry
+    );
 }
 
 // Sizes are the sum of the fields: no implicit padding anywhere.
-const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
-const _: () = assert!(core::mem::size_of::<VipEntry>() == 12);
-const _: () = assert!(core::mem::size_of::<BackendEntry>() == 68);
-const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<Traffic>() == 24);
+const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipEntry>() == 12);
+const _: () = assert!(size_of::<BackendEntry>() == 68);
+const _: () = assert!(size_of::<FlowKey6>() == 40);
+const _: () = assert!(size_of::<GlobalConfig>() == 16);
+const _: () = assert!(size_of::<FlowKey>() == 16);
+const _: () = assert!(size_of::<FlowEntry>() == 16);
+const _: () = assert!(size_of::<Traffic>() == 24);

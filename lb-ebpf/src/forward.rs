@@ -190,7 +190,7 @@ fn push_outer<H>(
     ether_type: EtherType,
     header: H,
 ) -> Result<Verdict, Verdict> {
-    let grow = core::mem::size_of::<H>() as i32;
+    let grow = size_of::<H>() as i32;
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
         return Err(Verdict::Drop(Stat::DropInternal));

@@ -16,7 +16,7 @@ use aya_ebpf::programs::XdpContext;
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
+    if start + offset + size_of::<T>() > end {
         return None;
     }
     Some((start + offset) as *mut T)

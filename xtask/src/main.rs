@@ -29,7 +29,8 @@ struct Cli {
 enum Task {
     /// Install the pinned nightly, bpf-linker and the Debian packages.
     Setup,
-    /// Set up, build, and run every test tier (root tiers need root).
+    /// Set up, check formatting and lints, build, and run every test tier
+    /// (root tiers need root).
     Test,
     /// Set up, build, and run the demo topology in network namespaces.
     Demo,
@@ -90,6 +91,16 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
 
+    // `cargo xtask test` runs both before any test.
+    let components = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .unwrap_or_default();
+    for component in ["rustfmt", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            eprintln!("setup: installing the {component} component");
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+
     let linker = output(Command::new("bpf-linker").arg("--version"));
     if !linker.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION}");
@@ -137,6 +148,10 @@ fn cargo() -> Command {
 }
 
 fn test() -> anyhow::Result<()> {
+    // Style first: an unformatted file or a lint fails fast, before the
+    // minutes of kernel tiers.
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests start the `lb` binary, which `cargo test` does not
     // build for another package's tests.
     run(cargo().args(["build", "--package", "lb-userspace", "--bins"]))?;
