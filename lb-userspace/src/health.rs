@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, HealthCheck, HealthKind},
-    metrics::Metrics,
+    metrics::{Metrics, ProbeResult},
 };
 
 /// Consecutive-result state of one backend. Starts up (optimistically, like
@@ -204,13 +204,8 @@ impl Supervisor {
             let keep = wanted.get(k).is_some_and(|(c, _, _)| *c == task.check);
             if !keep {
                 task.handle.abort();
-                // Its series stop; they must not stay at their last values.
-                for result in ["success", "refused", "timeout", "bad_status", "error"] {
-                    let l = &task.labels;
-                    let _ = metrics
-                        .health_checks
-                        .remove_label_values(&[&l.vip, &l.proto, &l.backend, result]);
-                }
+                let l = &task.labels;
+                metrics.forget_probe(&l.vip, &l.proto, &l.backend);
             }
             keep
         });
@@ -302,27 +297,16 @@ impl Probe {
     }
 
     fn record(&self, result: &Result<(), Failure>, took: Duration) {
-        let l = &self.labels;
-        let outcome = match result {
-            Ok(()) => "success",
-            Err(Failure::Refused) => "refused",
-            Err(Failure::Timeout) => "timeout",
-            Err(Failure::BadStatus(_)) => "bad_status",
-            Err(Failure::Error(_)) => "error",
+        let result = match result {
+            Ok(()) => ProbeResult::Success,
+            Err(Failure::Refused) => ProbeResult::Refused,
+            Err(Failure::Timeout) => ProbeResult::Timeout,
+            Err(Failure::BadStatus(_)) => ProbeResult::BadStatus,
+            Err(Failure::Error(_)) => ProbeResult::Error,
         };
+        let l = &self.labels;
         self.metrics
-            .health_checks
-            .with_label_values(&[
-                l.vip.as_str(),
-                l.proto.as_str(),
-                l.backend.as_str(),
-                outcome,
-            ])
-            .inc();
-        self.metrics
-            .health_check_duration
-            .with_label_values(&[l.vip.as_str(), l.proto.as_str()])
-            .observe(took.as_secs_f64());
+            .probed(&l.vip, &l.proto, &l.backend, result, took);
     }
 }
 

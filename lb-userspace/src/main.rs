@@ -289,7 +289,7 @@ fn interface_index(name: &str) -> Option<u32> {
 fn print_plan(file: &std::path::Path, c: &Config) {
     println!("{}: valid", file.display());
     println!(
-        "interface {} ({:?} XDP), Maglev table {} slots, seed {:#x}",
+        "interface {} ({} XDP), Maglev table {} slots, seed {:#x}",
         c.interface, c.xdp_mode, c.table_size, c.seed
     );
     println!(
@@ -303,7 +303,7 @@ fn print_plan(file: &std::path::Path, c: &Config) {
     for (vip, table) in reconcile::plan(c) {
         let h = &vip.health_check;
         println!(
-            "\nVIP {} {}/{} forwarding {:?}, health {:?} port {}{} every {} (timeout {}, rise {}, fall {}), all down: {:?}",
+            "\nVIP {} {}/{} forwarding {}, health {} port {}{} every {} (timeout {}, rise {}, fall {}), all down: {}",
             vip.name,
             vip.endpoint(),
             vip.protocol,
@@ -339,7 +339,7 @@ fn print_plan(file: &std::path::Path, c: &Config) {
             println!(
                 "  {:<16} {:<8} {:>6} {:>8} {:>7.2}% {:>8.2}%",
                 b.address.to_string(),
-                format!("{:?}", b.state).to_lowercase(),
+                b.state,
                 b.weight,
                 slots,
                 100.0 * slots as f64 / c.table_size as f64,

@@ -10,14 +10,46 @@ use prometheus::{
 
 use crate::status::Status;
 
+/// How a health probe ended: the `result` label of `lb_health_checks_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    Success,
+    Refused,
+    Timeout,
+    BadStatus,
+    Error,
+}
+
+impl ProbeResult {
+    const ALL: [ProbeResult; 5] = [
+        ProbeResult::Success,
+        ProbeResult::Refused,
+        ProbeResult::Timeout,
+        ProbeResult::BadStatus,
+        ProbeResult::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ProbeResult::Success => "success",
+            ProbeResult::Refused => "refused",
+            ProbeResult::Timeout => "timeout",
+            ProbeResult::BadStatus => "bad_status",
+            ProbeResult::Error => "error",
+        }
+    }
+}
+
+/// The event metrics, written only through its methods, which also remove
+/// the series of what is gone.
 pub struct Metrics {
     registry: Registry,
-    pub health_checks: IntCounterVec,
-    pub health_check_duration: HistogramVec,
-    pub maglev_rebuilds: IntCounterVec,
-    pub maglev_build_duration: HistogramVec,
-    pub reload_successful: IntGauge,
-    pub reload_timestamp: Gauge,
+    health_checks: IntCounterVec,
+    health_check_duration: HistogramVec,
+    maglev_rebuilds: IntCounterVec,
+    maglev_build_duration: HistogramVec,
+    reload_successful: IntGauge,
+    reload_timestamp: Gauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -91,6 +123,51 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.reload_timestamp.set(now.as_secs_f64());
+    }
+
+    /// Counts one health probe of `backend` and how long it took.
+    pub fn probed(
+        &self,
+        vip: &str,
+        proto: &str,
+        backend: &str,
+        result: ProbeResult,
+        took: std::time::Duration,
+    ) {
+        self.health_checks
+            .with_label_values(&[vip, proto, backend, result.label()])
+            .inc();
+        self.health_check_duration
+            .with_label_values(&[vip, proto])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a Maglev table built for a VIP and swapped in.
+    pub fn table_built(&self, vip: &str, proto: &str, took: std::time::Duration) {
+        let labels = [vip, proto];
+        self.maglev_rebuilds.with_label_values(&labels).inc();
+        self.maglev_build_duration
+            .with_label_values(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Forgets the series of a VIP that is gone, so they do not linger at
+    /// their last values.
+    pub fn forget_vip(&self, vip: &str, proto: &str) {
+        let labels = [vip, proto];
+        let _ = self.maglev_rebuilds.remove_label_values(&labels);
+        let _ = self.maglev_build_duration.remove_label_values(&labels);
+        let _ = self.health_check_duration.remove_label_values(&labels);
+    }
+
+    /// Forgets the probe series of a backend no longer probed (removed, or
+    /// its check changed and a new task takes over).
+    pub fn forget_probe(&self, vip: &str, proto: &str, backend: &str) {
+        for result in ProbeResult::ALL {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[vip, proto, backend, result.label()]);
+        }
     }
 
     /// The text exposition: the event metrics plus everything in `status`.
@@ -281,13 +358,16 @@ mod tests {
     use std::{collections::BTreeMap, net::IpAddr};
 
     use super::*;
-    use crate::status::{BackendStatus, VipStatus};
+    use crate::{
+        config::{BackendState, Forwarding, OnAllDown, Protocol, XdpMode},
+        status::{BackendStatus, VipStatus},
+    };
 
     fn status() -> Status {
         Status {
             version: "0.1.0".into(),
             interface: "eth0".into(),
-            xdp_mode: "native".into(),
+            xdp_mode: XdpMode::Native,
             attached: true,
             ready: true,
             counters: BTreeMap::from([
@@ -300,9 +380,9 @@ mod tests {
             vips: vec![VipStatus {
                 name: "web".into(),
                 vip: "10.0.0.1:80".into(),
-                protocol: "tcp".into(),
-                forwarding: "l2".into(),
-                on_all_down: "fail_open".into(),
+                protocol: Protocol::Tcp,
+                forwarding: Forwarding::L2,
+                on_all_down: OnAllDown::FailOpen,
                 healthy_backends: 1,
                 all_down: false,
                 packets: 9,
@@ -311,7 +391,7 @@ mod tests {
                 skew: Some(1.5),
                 backends: vec![BackendStatus {
                     address: IpAddr::from([10, 0, 0, 2]),
-                    state: "active".into(),
+                    state: BackendState::Active,
                     up: true,
                     weight: 3,
                     table_share: 1.0,
@@ -327,9 +407,7 @@ mod tests {
     fn renders_every_family_with_the_snapshots_values() {
         let m = Metrics::new();
         m.reloaded(true);
-        m.maglev_rebuilds
-            .with_label_values(&["10.0.0.1:80", "tcp"])
-            .inc();
+        m.table_built("10.0.0.1:80", "tcp", std::time::Duration::from_millis(1));
         let text = m.render(&status());
         for line in [
             r#"lb_vip_packets_total{proto="tcp",vip="10.0.0.1:80"} 9"#,

@@ -28,7 +28,7 @@ use crate::{
     config::{self, Config},
     dataplane::{Dataplane as _, aya::AyaDataplane},
     health::{Supervisor, Transition},
-    loader::{self, Attached, Sizes},
+    loader::{self, Attached},
     metrics::Metrics,
     neighbour::{NeighbourTable, Wanted},
     reconcile::{Health, Neighbours, Reconciler, Swap, backend_keys, vip_key},
@@ -49,15 +49,6 @@ pub struct Options {
     pub config_path: PathBuf,
     /// Remove the attachment and the pinned maps on SIGINT/SIGTERM.
     pub detach_on_exit: bool,
-}
-
-pub fn sizes(config: &Config) -> Sizes {
-    Sizes {
-        table_size: config.table_size,
-        max_vips: config.max_vips,
-        max_flows: config.max_flows,
-        max_flows_v6: config.max_flows_v6,
-    }
 }
 
 /// Everything the loop owns. Only `reconciler` writes maps.
@@ -96,7 +87,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
 
     let pin = config.pin_path.clone();
     let adopting = loader::is_pinned(&pin);
-    let mut ebpf = loader::load(sizes(&config), Some(&pin))?;
+    let mut ebpf = loader::load(config.sizes(), Some(&pin))?;
     let dp = AyaDataplane::new(&mut ebpf)?;
     let (reconciler, health) = if adopting {
         info!(pin_path = %pin.display(), "adopting the pinned program state of a previous run");
@@ -138,7 +129,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     };
     let attached = loader::attach(&mut ebpf, ifindex, mode, &pin).with_context(|| {
         format!(
-            "attaching to {} in {:?} mode",
+            "attaching to {} in {} mode",
             d.config.interface, d.config.xdp_mode
         )
     })?;
@@ -146,7 +137,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     d.ready.store(true, Ordering::SeqCst);
     info!(
         interface = %d.config.interface,
-        mode = ?d.config.xdp_mode,
+        mode = %d.config.xdp_mode,
         vips = d.config.vips.len(),
         adopted = (attached == Attached::Replaced),
         "attached"
@@ -247,16 +238,8 @@ impl Daemon {
             let Some(v) = self.config.vips.iter().find(|v| vip_key(v) == s.vip) else {
                 continue;
             };
-            let labels = [v.endpoint().to_string(), v.protocol.to_string()];
-            let labels = [labels[0].as_str(), labels[1].as_str()];
             self.metrics
-                .maglev_rebuilds
-                .with_label_values(&labels)
-                .inc();
-            self.metrics
-                .maglev_build_duration
-                .with_label_values(&labels)
-                .observe(s.build.as_secs_f64());
+                .table_built(&v.endpoint().to_string(), v.protocol.as_str(), s.build);
         }
     }
 
@@ -299,11 +282,12 @@ impl Daemon {
                 return;
             }
         };
-        if new.fixed() != self.config.fixed() {
+        let changed = self.config.fixed().changed(&new.fixed());
+        if !changed.is_empty() {
             error!(
                 %trigger,
-                "reload rejected: interface, xdp_mode, table_size, max_vips, flow_table.max_flows, \
-                 flow_table.max_flows_v6, pin_path and admin.listen are fixed while lb runs; the running config stays"
+                "reload rejected: {} cannot change while lb runs; the running config stays",
+                changed.join(", ")
             );
             self.metrics.reloaded(false);
             return;
@@ -322,17 +306,8 @@ impl Daemon {
                     .iter()
                     .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)));
                 for v in gone {
-                    let labels = [v.endpoint().to_string(), v.protocol.to_string()];
-                    let labels = [labels[0].as_str(), labels[1].as_str()];
-                    let _ = self.metrics.maglev_rebuilds.remove_label_values(&labels);
-                    let _ = self
-                        .metrics
-                        .maglev_build_duration
-                        .remove_label_values(&labels);
-                    let _ = self
-                        .metrics
-                        .health_check_duration
-                        .remove_label_values(&labels);
+                    self.metrics
+                        .forget_vip(&v.endpoint().to_string(), v.protocol.as_str());
                 }
                 self.config = new;
                 self.record(&swaps);

@@ -10,7 +10,7 @@ use lb_common::{Stat, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{BackendState, Config},
+    config::{BackendState, Config, Forwarding, OnAllDown, Protocol, XdpMode},
     dataplane::Counters,
     reconcile::{Health, plan_vip, vip_key},
 };
@@ -19,7 +19,7 @@ use crate::{
 pub struct Status {
     pub version: String,
     pub interface: String,
-    pub xdp_mode: String,
+    pub xdp_mode: XdpMode,
     pub attached: bool,
     pub ready: bool,
     /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
@@ -33,9 +33,9 @@ pub struct VipStatus {
     pub name: String,
     /// `address:port`, the metrics' `vip` label.
     pub vip: String,
-    pub protocol: String,
-    pub forwarding: String,
-    pub on_all_down: String,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub on_all_down: OnAllDown,
     pub healthy_backends: usize,
     pub all_down: bool,
     pub packets: u64,
@@ -50,7 +50,7 @@ pub struct VipStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub address: IpAddr,
-    pub state: String,
+    pub state: BackendState,
     pub up: bool,
     pub weight: u32,
     /// Fraction of the VIP's table slots.
@@ -99,7 +99,7 @@ pub fn build(i: &Inputs) -> Status {
                     let t = per_backend.get(&b.address).copied().unwrap_or_default();
                     BackendStatus {
                         address: b.address,
-                        state: state_name(b.state).into(),
+                        state: b.state,
                         up: up(b.address),
                         weight: b.weight,
                         table_share: shares.get(&b.address).copied().unwrap_or(0.0),
@@ -123,9 +123,9 @@ pub fn build(i: &Inputs) -> Status {
             VipStatus {
                 name: v.name.clone(),
                 vip: v.endpoint().to_string(),
-                protocol: v.protocol.to_string(),
-                forwarding: format!("{:?}", v.forwarding).to_lowercase(),
-                on_all_down: format!("{:?}", v.on_all_down).to_lowercase(),
+                protocol: v.protocol,
+                forwarding: v.forwarding,
+                on_all_down: v.on_all_down,
                 healthy_backends: v
                     .backends
                     .iter()
@@ -143,7 +143,7 @@ pub fn build(i: &Inputs) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION").into(),
         interface: i.config.interface.clone(),
-        xdp_mode: format!("{:?}", i.config.xdp_mode).to_lowercase(),
+        xdp_mode: i.config.xdp_mode,
         attached: i.attached,
         ready: i.ready,
         counters,
@@ -166,7 +166,11 @@ pub fn render(s: &Status) -> String {
         if s.ready { "ready" } else { "not ready" }
     );
     for v in &s.vips {
-        let enabled = v.backends.iter().filter(|b| b.state != "disabled").count();
+        let enabled = v
+            .backends
+            .iter()
+            .filter(|b| b.state != BackendState::Disabled)
+            .count();
         out += &format!(
             "\nVIP {} {}/{} {}, {}/{} healthy{}, {} packets, {} bytes, {} new flows\n",
             v.name,
@@ -203,14 +207,6 @@ pub fn render(s: &Status) -> String {
         }
     }
     out
-}
-
-fn state_name(s: BackendState) -> &'static str {
-    match s {
-        BackendState::Active => "active",
-        BackendState::Drain => "drain",
-        BackendState::Disabled => "disabled",
-    }
 }
 
 /// Fewest new flows a backend must expect in the window for skew to count.

@@ -232,7 +232,7 @@ struct LbInstance {
 impl LbInstance {
     fn new(max_flows: u32) -> anyhow::Result<LbInstance> {
         let config = Config::parse(&lb_config(max_flows), std::path::Path::new("bench.yaml"))?;
-        let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+        let mut ebpf = loader::load(config.sizes(), None)?;
         let mut reconciler = Reconciler::new(
             AyaDataplane::new(&mut ebpf)?,
             config.table_size,
@@ -567,7 +567,7 @@ pub fn throughput(s: &Settings) -> anyhow::Result<Throughput> {
     let (lb, _reconciler, trivial) = lb_ns.enter(move || -> anyhow::Result<_> {
         let config = Config::parse(&config_text, std::path::Path::new("bench.yaml"))?;
         let ifindex = nix::net::if_::if_nametoindex("eth0")?;
-        let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+        let mut ebpf = loader::load(config.sizes(), None)?;
         let mut reconciler = Reconciler::new(
             AyaDataplane::new(&mut ebpf)?,
             config.table_size,
@@ -744,7 +744,7 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
          protocol: tcp\n    forwarding: l2\n    backends:\n{backends}"
     );
     let config = Config::parse(&text, std::path::Path::new("bench.yaml"))?;
-    let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+    let mut ebpf = loader::load(config.sizes(), None)?;
     let mut r = Reconciler::new(
         AyaDataplane::new(&mut ebpf)?,
         config.table_size,

@@ -22,7 +22,6 @@ use lb_userspace::{
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
     loader,
     reconcile::{self, Health, Neighbour, Neighbours, Reconciler},
-    run::sizes,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
@@ -105,7 +104,7 @@ impl Harness {
     /// backend healthy and `neighbours`.
     pub fn new(config: &str, neighbours: &Neighbours) -> anyhow::Result<Harness> {
         let config = Config::parse(config, Path::new("packet-test.yaml"))?;
-        let mut ebpf = loader::load(sizes(&config), None)?;
+        let mut ebpf = loader::load(config.sizes(), None)?;
         let reconciler = Reconciler::new(
             AyaDataplane::new(&mut ebpf)?,
             config.table_size,

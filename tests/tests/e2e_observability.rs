@@ -428,7 +428,7 @@ fn lb_status_lists_every_vip_and_backend_with_the_counters_of_status() {
                 .find(|l| l.trim_start().starts_with(&b.address.to_string()))
                 .unwrap();
             let cols: Vec<&str> = row.split_whitespace().collect();
-            assert_eq!(cols[1], b.state);
+            assert_eq!(cols[1], b.state.as_str());
             assert_eq!(cols[2], if b.up { "up" } else { "down" });
             assert_eq!(cols[3], b.weight.to_string());
             assert_eq!(cols[4], format!("{:.2}", b.table_share * 100.0));
