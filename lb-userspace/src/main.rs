@@ -244,7 +244,7 @@ fn decap(
 }
 
 /// Runs `work` on a single-threaded runtime; any error becomes exit code 1.
-fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

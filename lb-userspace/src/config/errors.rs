@@ -21,7 +21,7 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        source: super::source::SourceError,
     },
     /// serde_yaml's message names the field path and the line.
     #[error("{file}: {message}")]

@@ -10,6 +10,7 @@ mod errors;
 mod fixed;
 mod model;
 mod raw;
+pub mod source;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -32,7 +33,7 @@ pub use validate::{
 
 impl Config {
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = source::read(file).map_err(|source| ConfigError::Read {
             file: file.to_owned(),
             source,
         })?;
@@ -41,6 +42,10 @@ impl Config {
 
     /// Parses and validates `text`; `file` only labels error messages.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        source::check_bounds(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
         let raw: raw::RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
             message: e.to_string(),
