@@ -123,6 +123,13 @@ impl Harness {
         Ok(h)
     }
 
+    /// [`Harness::new`] for the test named `test`, or `None` without root:
+    /// the test is skipped (under CI it fails instead).
+    pub fn for_test(test: &str, config: &str, neighbours: &Neighbours) -> Option<Harness> {
+        crate::root::root_or_skip(test)
+            .then(|| Harness::new(config, neighbours).expect("load and configure"))
+    }
+
     /// Applies the harness's config with `health`.
     pub fn apply(&mut self, health: &Health) -> anyhow::Result<()> {
         self.reconciler

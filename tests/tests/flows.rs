@@ -50,11 +50,12 @@ fn config(backends: &[(usize, &str)], table_size: u32) -> String {
 }
 
 fn harness(test: &str, backends: &[(usize, &str)]) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
     let all = (0..4).map(backend);
-    Some(Harness::new(&config(backends, 65537), &neighbours(all, TEST_RUN_IFINDEX)).expect("load"))
+    Harness::for_test(
+        test,
+        &config(backends, 65537),
+        &neighbours(all, TEST_RUN_IFINDEX),
+    )
 }
 
 const THREE: [(usize, &str); 3] = [(0, "active"), (1, "active"), (2, "active")];

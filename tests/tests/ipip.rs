@@ -44,13 +44,6 @@ fn routed(mtu: u32) -> Neighbours {
     routed_neighbours(backends(), ROUTE_SRC, mtu)
 }
 
-fn harness(test: &str, config: &str, neighbours: &Neighbours) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
-    Some(Harness::new(config, neighbours).expect("load"))
-}
-
 /// `input` sent with XDP_TX to `backend` from `src`, as a fixture.
 fn encapsulated(name: String, input: Vec<u8>, src: Ipv4Addr, backend: IpAddr, flow: Stat) -> Case {
     let output = Expect::Encapsulated(backend, expected(&input, src, backend));
@@ -87,7 +80,7 @@ fn expected(input: &[u8], src: Ipv4Addr, backend: IpAddr) -> Vec<u8> {
 
 #[test]
 fn tcp_and_udp_are_encapsulated_byte_for_byte() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "tcp_and_udp_are_encapsulated_byte_for_byte",
         &config(from_lb),
         &routed(1500),
@@ -123,7 +116,7 @@ fn tcp_and_udp_are_encapsulated_byte_for_byte() {
 
 #[test]
 fn the_inner_tos_is_copied_and_the_route_source_is_the_default() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "the_inner_tos_is_copied_and_the_route_source_is_the_default",
         &config(|v| v),
         &routed(1500),
@@ -182,7 +175,7 @@ fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
 fn a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed() {
     // MTU 100: a SYN (40 bytes of IP, 60 encapsulated) fits; 100 bytes of
     // UDP payload (128 bytes of IP, Don't Fragment set) do not.
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed",
         &config(from_lb),
         &routed(100),
@@ -260,7 +253,7 @@ fn too_big_packets_icmp_may_not_answer_are_a_counted_drop() {
 
 #[test]
 fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "a_total_length_that_is_not_the_packets_is_a_counted_drop",
         &config(from_lb),
         &routed(100),
@@ -286,7 +279,7 @@ fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
 
 #[test]
 fn icmp_answers_are_rate_limited_per_cpu() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "icmp_answers_are_rate_limited_per_cpu",
         &config(from_lb),
         &routed(100),

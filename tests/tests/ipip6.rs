@@ -44,13 +44,6 @@ fn routed(mtu: u32) -> Neighbours {
     routed_neighbours(backends(), ROUTE_SRC, mtu)
 }
 
-fn harness(test: &str, config: &str, neighbours: &Neighbours) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
-    Some(Harness::new(config, neighbours).expect("load"))
-}
-
 /// `input` from `client` to `vip` and `sport`, sent with XDP_TX from `src`
 /// to the backend the table names, as a fixture.
 fn encapsulated(
@@ -106,7 +99,7 @@ fn label(client: IpAddr, vip: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 
 
 #[test]
 fn ip6ip6_and_ipv4_in_ipv6_are_encapsulated_byte_for_byte() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "ip6ip6_and_ipv4_in_ipv6_are_encapsulated_byte_for_byte",
         &config(|v| v.setting("encap_source", LB6)),
         &routed(1500),
@@ -168,7 +161,7 @@ fn ip6ip6_and_ipv4_in_ipv6_are_encapsulated_byte_for_byte() {
 
 #[test]
 fn the_inner_class_is_copied_the_route_source_is_the_default_and_flows_keep_their_label() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "the_inner_class_is_copied_the_route_source_is_the_default_and_flows_keep_their_label",
         &config(|v| v),
         &routed(1500),
@@ -252,7 +245,7 @@ fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
 fn a_packet_too_big_once_encapsulated_is_answered_with_icmpv6_packet_too_big() {
     // MTU 100: a SYN (60 bytes of IPv6, 100 encapsulated) fits; 100 bytes
     // of UDP payload (148 bytes of IPv6) do not.
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "a_packet_too_big_once_encapsulated_is_answered_with_icmpv6_packet_too_big",
         &config(|v| v),
         &routed(100),
@@ -352,7 +345,7 @@ fn too_big_ipv6_packets_icmpv6_may_not_answer_are_a_counted_drop() {
 
 #[test]
 fn an_ipv6_payload_length_that_is_not_the_packets_is_a_counted_drop() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "an_ipv6_payload_length_that_is_not_the_packets_is_a_counted_drop",
         &config(|v| v),
         &routed(100),

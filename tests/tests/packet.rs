@@ -45,11 +45,8 @@ fn config() -> String {
 }
 
 fn harness(test: &str) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
     let all = (0..3).map(b).chain((0..3).map(b6));
-    Some(Harness::new(&config(), &neighbours(all, TEST_RUN_IFINDEX)).expect("load and configure"))
+    Harness::for_test(test, &config(), &neighbours(all, TEST_RUN_IFINDEX))
 }
 
 /// Counter values that must hold exactly: every `Stat` not listed must be 0.
