@@ -13,16 +13,18 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
-use lb_common::{
-    Stat,
-    hash::{flow_hash_v4, flow_hash_v6},
-};
+use lb_common::hash::{flow_hash_v4, flow_hash_v6};
 use lb_userspace::{
     config::{Config, Vip},
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
     loader,
     reconcile::{self, Health, Neighbour, Neighbours, Reconciler},
 };
+
+use crate::xdp::XdpAction;
+
+/// BPF_PROG_TEST_RUN runs a program as if the frame came in on loopback.
+pub const TEST_RUN_IFINDEX: u32 = 1;
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
@@ -74,7 +76,7 @@ pub fn routed_neighbours<A: Into<IpAddr>>(
             (
                 b.into(),
                 Neighbour {
-                    ifindex: 1,
+                    ifindex: TEST_RUN_IFINDEX,
                     mac: ROUTER_MAC,
                     src_mac: LB_MAC,
                     src_addr: Some(src),
@@ -95,7 +97,7 @@ pub struct Harness {
 /// What the program did with one packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    pub action: u32,
+    pub action: XdpAction,
     pub packet: Vec<u8>,
 }
 
@@ -120,6 +122,13 @@ impl Harness {
         Ok(h)
     }
 
+    /// [`Harness::new`] for the test named `test`, or `None` without root:
+    /// the test is skipped (under CI it fails instead).
+    pub fn for_test(test: &str, config: &str, neighbours: &Neighbours) -> Option<Harness> {
+        crate::root::root_or_skip(test)
+            .then(|| Harness::new(config, neighbours).expect("load and configure"))
+    }
+
     /// Applies the harness's config with `health`.
     pub fn apply(&mut self, health: &Health) -> anyhow::Result<()> {
         self.reconciler
@@ -136,20 +145,6 @@ impl Harness {
     /// Runs one packet once.
     pub fn run(&mut self, packet: &[u8]) -> anyhow::Result<Outcome> {
         run_packet(&mut self.ebpf, packet)
-    }
-
-    /// Runs `packet` (too big once encapsulated) and asserts it was dropped
-    /// unmodified as `drop_too_big`, with no answer counted as `answer`.
-    pub fn assert_too_big_dropped(&mut self, packet: &[u8], answer: Stat, what: &str) {
-        const XDP_DROP: u32 = 1;
-        let out = self.run(packet).unwrap();
-        assert_eq!(
-            (out.action, out.packet.as_slice()),
-            (XDP_DROP, packet),
-            "{what}: dropped unmodified"
-        );
-        let c = self.counters().unwrap();
-        assert_eq!((c.stat(Stat::DropTooBig), c.stat(answer)), (1, 0), "{what}");
     }
 
     /// The backend a packet forwarded by the program was sent to, read back
@@ -186,7 +181,8 @@ pub fn run_packet(ebpf: &mut Ebpf, packet: &[u8]) -> anyhow::Result<Outcome> {
         .context("BPF_PROG_TEST_RUN")?;
     out.truncate(result.data_size_out as usize);
     Ok(Outcome {
-        action: result.return_value,
+        action: XdpAction::from_raw(result.return_value)
+            .with_context(|| format!("verdict {}", result.return_value))?,
         packet: out,
     })
 }

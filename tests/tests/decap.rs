@@ -3,75 +3,45 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::{
-    Ebpf,
-    maps::{HashMap, PerCpuArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
-};
 use etherparse::{IpNumber, PacketBuilder};
-use lb_common::{
-    addr_key,
-    decap::{DECAP_PROGRAM, DecapStat, DecapStats, map_names},
+use lb_common::decap::DecapStat;
+use lb_tests::{
+    addresses::{
+        CLIENT, CLIENT6, LB, LB6, UDP_PORT, VIP, VIP6, routed_backend_address,
+        routed_backend_address6,
+    },
+    decap::Decap,
+    fixture::{Case, Expect, check},
+    packet::{ROUTER_MAC, backend_mac},
+    root::root_or_skip,
+    xdp::XdpAction,
 };
-use lb_tests::root::root_or_skip;
-use lb_userspace::loader::DECAP_OBJECT;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const HOST: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
-const LB: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
-const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
-const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x88, 0, 0, 0, 0, 0, 2);
-const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x88, 0, 0, 0, 0, 0, 1);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 
-/// The decap program with `HOST` and `HOST6` as its local addresses.
-fn program(test: &str) -> Option<Ebpf> {
+/// The backend the program runs on.
+fn host() -> Ipv4Addr {
+    routed_backend_address(0)
+}
+
+fn host6() -> Ipv6Addr {
+    routed_backend_address6(0)
+}
+
+/// The decap program with `host()` and `host6()` as its local addresses.
+fn program(test: &str) -> Option<Decap> {
     if !root_or_skip(test) {
         return None;
     }
-    let mut ebpf = Ebpf::load(DECAP_OBJECT).unwrap();
-    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).unwrap().try_into().unwrap();
-    prog.load().unwrap();
-    let mut addrs: HashMap<_, [u8; 16], u8> =
-        HashMap::try_from(ebpf.map_mut(map_names::DECAP_ADDRS).unwrap()).unwrap();
-    for a in [IpAddr::V4(HOST), IpAddr::V6(HOST6)] {
-        addrs.insert(addr_key(a), 1, 0).unwrap();
-    }
-    Some(ebpf)
-}
-
-fn run(ebpf: &mut Ebpf, packet: &[u8]) -> (u32, Vec<u8>) {
-    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; packet.len() + 64];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .unwrap();
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
-fn counters(ebpf: &Ebpf) -> [u64; 3] {
-    let stats: PerCpuArray<_, DecapStats> =
-        PerCpuArray::try_from(ebpf.map(map_names::DECAP_STATS).unwrap()).unwrap();
-    let per_cpu = stats.get(&0, 0).unwrap();
-    DecapStat::ALL.map(|s| per_cpu.iter().map(|b| b[s as usize]).sum())
+    Some(Decap::new([IpAddr::V4(host()), IpAddr::V6(host6())]).expect("load"))
 }
 
 /// The inner packet: a UDP datagram from the client to the VIP.
 fn inner() -> Vec<u8> {
     let mut p = Vec::new();
     PacketBuilder::ipv4(CLIENT.octets(), VIP.octets(), 63)
-        .udp(40000, 5353)
+        .udp(40000, UDP_PORT)
         .write(&mut p, b"hello")
         .unwrap();
     p
@@ -81,136 +51,161 @@ fn inner() -> Vec<u8> {
 fn inner6() -> Vec<u8> {
     let mut p = Vec::new();
     PacketBuilder::ipv6(CLIENT6.octets(), VIP6.octets(), 63)
-        .udp(40000, 5353)
+        .udp(40000, UDP_PORT)
         .write(&mut p, b"hello")
         .unwrap();
     p
 }
 
 /// `inner` (IPv4 or IPv6, as `next` says) in an IPv6 packet from the load
-/// balancer to `to`: IPv4-in-IPv6 or IP6IP6.
+/// balancer to `to`, through the router: IPv4-in-IPv6 or IP6IP6.
 fn in_ipv6(to: Ipv6Addr, next: IpNumber, inner: &[u8]) -> Vec<u8> {
     let mut p = Vec::new();
-    PacketBuilder::ethernet2(MACS.0, MACS.1)
+    PacketBuilder::ethernet2(ROUTER_MAC, backend_mac(to))
         .ipv6(LB6.octets(), to.octets(), 64)
         .write(&mut p, next, inner)
         .unwrap();
     p
 }
 
-/// `inner` in an IPIP packet from the load balancer to `to`.
+/// `inner` in an IPIP packet from the load balancer to `to`, through the
+/// router.
 fn ipip(to: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
     let mut p = Vec::new();
-    PacketBuilder::ethernet2(MACS.0, MACS.1)
+    PacketBuilder::ethernet2(ROUTER_MAC, backend_mac(to))
         .ipv4(LB.octets(), to.octets(), 64)
         .write(&mut p, IpNumber::IPV4, inner)
         .unwrap();
     p
 }
 
+/// `packet` passed to the kernel as `ether_type` and `inner`: its MACs kept,
+/// its outer header gone.
+fn decapsulated(name: &str, packet: Vec<u8>, ether_type: [u8; 2], inner: &[u8]) -> Case<DecapStat> {
+    let output = Expect::Bytes([&packet[..12], &ether_type[..], inner].concat());
+    Case::new(
+        name,
+        packet,
+        XdpAction::Pass,
+        output,
+        &[DecapStat::Decapsulated],
+    )
+}
+
 #[test]
 fn an_ipip_packet_for_this_host_loses_exactly_its_outer_header() {
-    let Some(mut ebpf) = program("an_ipip_packet_for_this_host_loses_exactly_its_outer_header")
+    let Some(mut decap) = program("an_ipip_packet_for_this_host_loses_exactly_its_outer_header")
     else {
         return;
     };
     let inner = inner();
-    let packet = ipip(HOST, &inner);
+    let packet = ipip(host(), &inner);
     assert_eq!(packet[14 + 9], 4, "outer protocol IPIP");
-    let (action, out) = run(&mut ebpf, &packet);
-    assert_eq!(action, XDP_PASS);
-    assert_eq!(
-        out,
-        [&packet[..14], &inner[..]].concat(),
-        "same Ethernet header, then the inner packet byte for byte"
+    assert_eq!(packet[12..14], ETHERTYPE_IPV4);
+    // Same Ethernet header, then the inner packet byte for byte.
+    check(
+        &mut decap,
+        &[decapsulated("IPIP", packet, ETHERTYPE_IPV4, &inner)],
     );
-    assert_eq!(counters(&ebpf), [1, 0, 0]);
+    assert_eq!(decap.counters().unwrap(), [1, 0, 0]);
 }
 
 #[test]
 fn ip6ip6_and_ipv4_in_ipv6_packets_for_this_host_lose_exactly_their_outer_header() {
-    let Some(mut ebpf) =
+    let Some(mut decap) =
         program("ip6ip6_and_ipv4_in_ipv6_packets_for_this_host_lose_exactly_their_outer_header")
     else {
         return;
     };
-    for (next, inner, ether_type) in [
-        (IpNumber::IPV6, inner6(), ETHERTYPE_IPV6),
-        (IpNumber::IPV4, inner(), ETHERTYPE_IPV4),
-    ] {
-        let packet = in_ipv6(HOST6, next, &inner);
+    let cases = [
+        ("IP6IP6", IpNumber::IPV6, inner6(), ETHERTYPE_IPV6),
+        ("IPv4 in IPv6", IpNumber::IPV4, inner(), ETHERTYPE_IPV4),
+    ]
+    .map(|(name, next, inner, ether_type)| {
+        let packet = in_ipv6(host6(), next, &inner);
         assert_eq!(packet[12..14], ETHERTYPE_IPV6, "outer IPv6");
-        let (action, out) = run(&mut ebpf, &packet);
-        assert_eq!(action, XDP_PASS);
-        assert_eq!(
-            out,
-            [&packet[..12], &ether_type[..], &inner[..]].concat(),
-            "same MACs, the inner packet's EtherType, then the inner packet byte for byte"
-        );
-    }
-    assert_eq!(counters(&ebpf), [2, 0, 0]);
+        // Same MACs, the inner packet's EtherType, then the inner packet
+        // byte for byte.
+        decapsulated(name, packet, ether_type, &inner)
+    });
+    check(&mut decap, &cases);
+    assert_eq!(decap.counters().unwrap(), [2, 0, 0]);
 }
 
 #[test]
 fn everything_else_passes_untouched() {
-    let Some(mut ebpf) = program("everything_else_passes_untouched") else {
+    let Some(mut decap) = program("everything_else_passes_untouched") else {
         return;
     };
-    let mut with_options = ipip(HOST, &inner());
+    let mut with_options = ipip(host(), &inner());
     with_options[14] = 0x46; // IHL 6: not opened, the kernel decides
-    let mut fragment = ipip(HOST, &inner());
+    let mut fragment = ipip(host(), &inner());
     fragment[14 + 6] = 0x20; // more fragments
     let mut plain = Vec::new();
-    PacketBuilder::ethernet2(MACS.0, MACS.1)
-        .ipv4(LB.octets(), HOST.octets(), 64)
+    PacketBuilder::ethernet2(ROUTER_MAC, backend_mac(host()))
+        .ipv4(LB.octets(), host().octets(), 64)
         .udp(1, 2)
         .write(&mut plain, b"x")
         .unwrap();
     // A hop-by-hop options header in front of the tunnel: not opened.
-    let mut extension = in_ipv6(HOST6, IpNumber::IPV6, &inner6());
+    let mut extension = in_ipv6(host6(), IpNumber::IPV6, &inner6());
     extension[14 + 6] = 0;
+    let passed = |name, packet| Case::passed(name, packet, &[DecapStat::Passed]);
     let cases = [
-        ipip(Ipv4Addr::new(10, 88, 0, 9), &inner()),
-        with_options,
-        fragment,
-        plain,
-        in_ipv6(
-            Ipv6Addr::new(0xfd00, 0x88, 0, 0, 0, 0, 0, 9),
-            IpNumber::IPV6,
-            &inner6(),
+        passed(
+            "IPIP to another host",
+            ipip(routed_backend_address(1), &inner()),
         ),
-        // The IPv4-mapped key of HOST is not an IPv6 address of this host.
-        in_ipv6(HOST.to_ipv6_mapped(), IpNumber::IPV4, &inner()),
-        extension,
+        passed("IPIP with IP options", with_options),
+        passed("an IPIP fragment", fragment),
+        passed("UDP", plain),
+        passed(
+            "IP6IP6 to another host",
+            in_ipv6(routed_backend_address6(1), IpNumber::IPV6, &inner6()),
+        ),
+        // The IPv4-mapped key of the host is not an IPv6 address of it.
+        passed(
+            "IPv4 in IPv6 to the host's IPv4-mapped address",
+            in_ipv6(host().to_ipv6_mapped(), IpNumber::IPV4, &inner()),
+        ),
+        passed("a hop-by-hop header before IP6IP6", extension),
     ];
-    for packet in &cases {
-        let (action, out) = run(&mut ebpf, packet);
-        assert_eq!((action, &out), (XDP_PASS, packet));
-    }
-    assert_eq!(counters(&ebpf), [0, cases.len() as u64, 0]);
+    check(&mut decap, &cases);
+    assert_eq!(decap.counters().unwrap(), [0, cases.len() as u64, 0]);
 }
 
 #[test]
 fn a_tunnel_for_this_host_without_the_announced_inner_header_is_dropped() {
-    let Some(mut ebpf) =
+    let Some(mut decap) =
         program("a_tunnel_for_this_host_without_the_announced_inner_header_is_dropped")
     else {
         return;
     };
-    let short = ipip(HOST, &inner()[..10]);
+    let short = ipip(host(), &inner()[..10]);
     let mut not_v4 = inner();
     not_v4[0] = 0x65;
+    let dropped = |name, packet| Case::dropped(name, packet, &[DecapStat::Malformed]);
     let cases = [
-        short,
-        ipip(HOST, &not_v4),
+        dropped("IPIP with 10 bytes of inner header", short),
+        dropped("IPIP with an IPv6 version", ipip(host(), &not_v4)),
         // The outer header announces one family, the inner is the other.
-        in_ipv6(HOST6, IpNumber::IPV6, &inner()),
-        in_ipv6(HOST6, IpNumber::IPV4, &inner6()),
-        in_ipv6(HOST6, IpNumber::IPV6, &[]),
-        in_ipv6(HOST6, IpNumber::IPV6, &inner6()[..30]),
+        dropped(
+            "IP6IP6 carrying IPv4",
+            in_ipv6(host6(), IpNumber::IPV6, &inner()),
+        ),
+        dropped(
+            "IPv4 in IPv6 carrying IPv6",
+            in_ipv6(host6(), IpNumber::IPV4, &inner6()),
+        ),
+        dropped(
+            "IP6IP6 with nothing inside",
+            in_ipv6(host6(), IpNumber::IPV6, &[]),
+        ),
+        dropped(
+            "IP6IP6 with 30 bytes of inner header",
+            in_ipv6(host6(), IpNumber::IPV6, &inner6()[..30]),
+        ),
     ];
-    for packet in &cases {
-        assert_eq!(run(&mut ebpf, packet).0, XDP_DROP);
-    }
-    assert_eq!(counters(&ebpf), [0, 0, cases.len() as u64]);
+    check(&mut decap, &cases);
+    assert_eq!(decap.counters().unwrap(), [0, 0, cases.len() as u64]);
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -13,55 +13,59 @@ use std::{
 
 use lb_common::Stat;
 use lb_tests::{
-    packet::{Harness, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp},
+    addresses::{
+        CLIENT, CLIENT6, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address, backend_address6,
+    },
+    config_yaml::{ConfigYaml, VipYaml, dns, web},
+    fixture::{Case, check},
+    packet::{
+        Harness, TEST_RUN_IFINDEX, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp,
+    },
     root::root_or_skip,
+    xdp::XdpAction,
 };
 use lb_userspace::{
     config::Config,
     reconcile::{Health, vip_key},
 };
 
-const XDP_TX: u32 = 3;
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const TEST_RUN_IFINDEX: u32 = 1;
-
-fn ip(i: u8) -> IpAddr {
-    IpAddr::from([10, 77, 0, i])
+/// The i-th backend.
+fn backend(i: usize) -> IpAddr {
+    backend_address(i).into()
 }
 
-/// `web` (TCP) and `dns` (UDP) over the given `(last octet, state)` backends.
-fn config(backends: &[(u8, &str)], table_size: u32) -> String {
-    let list: String = backends
-        .iter()
-        .map(|(i, state)| {
-            format!("      - {{ address: 10.77.0.{i}, weight: 1, state: {state} }}\n")
-        })
-        .collect();
-    format!(
-        "interface: lo\nmaglev: {{ table_size: {table_size}, seed: 0x5eed }}\nmax_vips: 4\n\
-         flow_table: {{ udp_idle_timeout: 1s }}\nvips:\n\
-         \x20 - name: web\n    address: 10.77.0.100\n    port: 80\n    protocol: tcp\n    forwarding: l2\n    backends:\n{list}\
-         \x20 - name: dns\n    address: 10.77.0.100\n    port: 53\n    protocol: udp\n    forwarding: l2\n    backends:\n{list}"
+/// `web` (TCP) and `dns` (UDP) over the given `(backend, state)` pairs, UDP
+/// flows idle after a second.
+fn config(backends: &[(usize, &str)], table_size: u32) -> String {
+    let vip = |v: VipYaml| {
+        backends
+            .iter()
+            .fold(v, |v, &(i, state)| v.backend(backend(i), 1, Some(state)))
+    };
+    ConfigYaml::new([vip(web(VIP)), vip(dns(VIP))])
+        .table_size(table_size)
+        .max_vips(4)
+        .udp_idle_timeout("1s")
+        .to_string()
+}
+
+fn harness(test: &str, backends: &[(usize, &str)]) -> Option<Harness> {
+    let all = (0..4).map(backend);
+    Harness::for_test(
+        test,
+        &config(backends, 65537),
+        &neighbours(all, TEST_RUN_IFINDEX),
     )
 }
 
-fn harness(test: &str, backends: &[(u8, &str)]) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
-    let all = [11, 12, 13, 14].map(ip);
-    Some(Harness::new(&config(backends, 65537), &neighbours(all, TEST_RUN_IFINDEX)).expect("load"))
-}
-
-const THREE: [(u8, &str); 3] = [(11, "active"), (12, "active"), (13, "active")];
+const THREE: [(usize, &str); 3] = [(0, "active"), (1, "active"), (2, "active")];
 
 /// Opens `n` TCP flows (SYN) from ports `base..`; returns each port's backend.
 fn open_flows(h: &mut Harness, base: u16, n: u16) -> BTreeMap<u16, IpAddr> {
     (base..base + n)
         .map(|sport| {
-            let out = h.run(&tcp_syn(CLIENT, sport, VIP, 80)).unwrap();
-            assert_eq!(out.action, XDP_TX);
+            let out = h.run(&tcp_syn(CLIENT, sport, VIP, TCP_PORT)).unwrap();
+            assert_eq!(out.action, XdpAction::Tx);
             (sport, h.backend_of(&out).expect("a backend MAC"))
         })
         .collect()
@@ -72,8 +76,8 @@ fn continue_flows(h: &mut Harness, flows: &BTreeMap<u16, IpAddr>) -> BTreeMap<u1
     flows
         .keys()
         .map(|&sport| {
-            let out = h.run(&tcp_ack(CLIENT, sport, VIP, 80)).unwrap();
-            assert_eq!(out.action, XDP_TX);
+            let out = h.run(&tcp_ack(CLIENT, sport, VIP, TCP_PORT)).unwrap();
+            assert_eq!(out.action, XdpAction::Tx);
             (sport, h.backend_of(&out).expect("a backend MAC"))
         })
         .collect()
@@ -113,12 +117,15 @@ fn a_mid_stream_packet_without_an_entry_is_placed_and_counted_apart() {
         return;
     };
     let web = h.config.vips[0].clone();
-    let out = h.run(&tcp_ack(CLIENT, 31000, VIP, 80)).unwrap();
-    assert_eq!(
-        h.backend_of(&out),
-        Some(h.expected_backend(&web, CLIENT, 31000))
+    let placed = h.expected_backend(&web, CLIENT, 31000);
+    let ack = || tcp_ack(CLIENT, 31000, VIP, TCP_PORT);
+    check(
+        &mut h,
+        &[
+            Case::to_backend("first ACK", ack(), placed, &[Stat::FlowMissNonSyn]),
+            Case::to_backend("second ACK", ack(), placed, &[Stat::FlowHit]),
+        ],
     );
-    h.run(&tcp_ack(CLIENT, 31000, VIP, 80)).unwrap();
     let c = h.counters().unwrap();
     assert_eq!(
         (
@@ -137,12 +144,7 @@ fn established_flows_keep_their_backend_when_a_backend_is_added() {
     };
     let flows = open_flows(&mut h, 32000, 300);
     h.reconfigure(&config(
-        &[
-            (11, "active"),
-            (12, "active"),
-            (13, "active"),
-            (14, "active"),
-        ],
+        &[(0, "active"), (1, "active"), (2, "active"), (3, "active")],
         65537,
     ))
     .unwrap();
@@ -165,7 +167,7 @@ fn established_flows_keep_their_backend_when_a_backend_is_added() {
     for (&p, &b) in &new {
         assert_eq!(b, expected_backend(&h.config, &web, CLIENT, p));
     }
-    assert!(new.values().any(|&b| b == ip(14)));
+    assert!(new.values().any(|&b| b == backend(3)));
     assert_eq!(stat(&h, Stat::FlowReplaced), 0);
 }
 
@@ -176,12 +178,13 @@ fn flows_of_a_down_backend_are_re_placed_and_the_others_stay() {
     };
     let flows = open_flows(&mut h, 33000, 300);
     let key = vip_key(&h.config.vips[0]);
-    h.apply(&Health::from([((key, ip(12)), false)])).unwrap();
+    h.apply(&Health::from([((key, backend(1)), false)]))
+        .unwrap();
     let after = continue_flows(&mut h, &flows);
     let mut moved = 0;
     for (p, b) in &flows {
-        if *b == ip(12) {
-            assert_ne!(after[p], ip(12), "flow {p} left the down backend");
+        if *b == backend(1) {
+            assert_ne!(after[p], backend(1), "flow {p} left the down backend");
             moved += 1;
         } else {
             assert_eq!(after[p], *b, "flow {p} stays");
@@ -199,9 +202,9 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
         return;
     };
     let flows = open_flows(&mut h, 34000, 300);
-    assert!(flows.values().any(|&b| b == ip(13)));
+    assert!(flows.values().any(|&b| b == backend(2)));
     h.reconfigure(&config(
-        &[(11, "active"), (12, "active"), (13, "drain")],
+        &[(0, "active"), (1, "active"), (2, "drain")],
         65537,
     ))
     .unwrap();
@@ -212,7 +215,7 @@ fn drain_keeps_established_flows_and_takes_no_new_ones() {
     );
     let new = open_flows(&mut h, 45000, 300);
     assert!(
-        new.values().all(|&b| b != ip(13)),
+        new.values().all(|&b| b != backend(2)),
         "no new flow goes to a draining backend"
     );
 }
@@ -224,13 +227,13 @@ fn disabling_a_backend_re_places_its_flows() {
     };
     let flows = open_flows(&mut h, 35000, 300);
     h.reconfigure(&config(
-        &[(11, "active"), (12, "active"), (13, "disabled")],
+        &[(0, "active"), (1, "active"), (2, "disabled")],
         65537,
     ))
     .unwrap();
     let after = continue_flows(&mut h, &flows);
     for (p, b) in &flows {
-        assert_eq!(after[p] == *b, *b != ip(13), "flow {p}");
+        assert_eq!(after[p] == *b, *b != backend(2), "flow {p}");
     }
 }
 
@@ -241,26 +244,26 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
     };
     let flows = open_flows(&mut h, 36000, 300);
     let web = vip_key(&h.config.vips[0]);
-    let old_id = h.reconciler.backend_id_of(&web, ip(13)).unwrap();
+    let old_id = h.reconciler.backend_id_of(&web, backend(2)).unwrap();
     // .13 leaves; .14 arrives and takes the lowest free id, which was .13's.
-    h.reconfigure(&config(&[(11, "active"), (12, "active")], 65537))
+    h.reconfigure(&config(&[(0, "active"), (1, "active")], 65537))
         .unwrap();
     // Freed ids stay unused for a second (packets may still hold them).
     std::thread::sleep(std::time::Duration::from_millis(1100));
     h.reconfigure(&config(
-        &[(11, "active"), (12, "active"), (14, "active")],
+        &[(0, "active"), (1, "active"), (3, "active")],
         65537,
     ))
     .unwrap();
     assert_eq!(
-        h.reconciler.backend_id_of(&web, ip(14)),
+        h.reconciler.backend_id_of(&web, backend(3)),
         Some(old_id),
         "the id was reused"
     );
     let web = h.config.vips[0].clone();
     let after = continue_flows(&mut h, &flows);
     for (p, b) in &flows {
-        if *b == ip(13) {
+        if *b == backend(2) {
             assert_eq!(
                 after[p],
                 expected_backend(&h.config, &web, CLIENT, *p),
@@ -278,8 +281,8 @@ fn udp_flows_expire_after_the_idle_timeout() {
         return;
     };
     for sport in 2000..2010 {
-        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
-        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
+        h.run(&udp(CLIENT, sport, VIP, UDP_PORT, b"q")).unwrap();
+        h.run(&udp(CLIENT, sport, VIP, UDP_PORT, b"q")).unwrap();
     }
     assert_eq!(
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
@@ -288,7 +291,7 @@ fn udp_flows_expire_after_the_idle_timeout() {
     // The configured timeout is 1s.
     std::thread::sleep(std::time::Duration::from_millis(1300));
     for sport in 2000..2010 {
-        h.run(&udp(CLIENT, sport, VIP, 53, b"q")).unwrap();
+        h.run(&udp(CLIENT, sport, VIP, UDP_PORT, b"q")).unwrap();
     }
     assert_eq!(
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
@@ -304,36 +307,26 @@ fn ipv6_flows_are_re_placed_off_a_down_backend_and_udp_flows_expire() {
     if !root_or_skip("ipv6_flows") {
         return;
     }
-    let b6 = |i: u16| IpAddr::from(Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, i));
-    let (client, vip) = (
-        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2),
-        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100),
-    );
-    let list: String = [0x11, 0x12, 0x13]
-        .map(|i| format!("      - {{ address: \"{}\", weight: 1 }}\n", b6(i)))
-        .concat();
-    let text = format!(
-        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\n\
-         flow_table: {{ udp_idle_timeout: 1s }}\nvips:\n\
-         \x20 - name: web6\n    address: \"{vip}\"\n    port: 80\n    protocol: tcp\n    forwarding: l2\n    backends:\n{list}\
-         \x20 - name: dns6\n    address: \"{vip}\"\n    port: 53\n    protocol: udp\n    forwarding: l2\n    backends:\n{list}"
-    );
-    let all = [0x11, 0x12, 0x13].map(b6);
-    let mut h = Harness::new(&text, &neighbours(all, TEST_RUN_IFINDEX)).unwrap();
+    let b6 = |i: usize| IpAddr::from(backend_address6(i));
+    let (client, vip) = (CLIENT6, VIP6);
+    let text = ConfigYaml::new([web(vip), dns(vip)].map(|v| v.backends((0..3).map(b6))))
+        .udp_idle_timeout("1s")
+        .to_string();
+    let mut h = Harness::new(&text, &neighbours((0..3).map(b6), TEST_RUN_IFINDEX)).unwrap();
     let send = |h: &mut Harness, p: Vec<u8>| {
         let out = h.run(&p).unwrap();
-        assert_eq!(out.action, XDP_TX);
+        assert_eq!(out.action, XdpAction::Tx);
         h.backend_of(&out).expect("a backend MAC")
     };
     let flows: BTreeMap<u16, IpAddr> = (33000..33300)
-        .map(|sport| (sport, send(&mut h, tcp_syn(client, sport, vip, 80))))
+        .map(|sport| (sport, send(&mut h, tcp_syn(client, sport, vip, TCP_PORT))))
         .collect();
     let key = vip_key(&h.config.vips[0]);
-    h.apply(&Health::from([((key, b6(0x12)), false)])).unwrap();
+    h.apply(&Health::from([((key, b6(1)), false)])).unwrap();
     let mut moved = 0;
     for (&sport, &before) in &flows {
-        let after = send(&mut h, tcp_ack(client, sport, vip, 80));
-        if before == b6(0x12) {
+        let after = send(&mut h, tcp_ack(client, sport, vip, TCP_PORT));
+        if before == b6(1) {
             assert_ne!(after, before, "flow {sport} left the down backend");
             moved += 1;
         } else {
@@ -344,13 +337,13 @@ fn ipv6_flows_are_re_placed_off_a_down_backend_and_udp_flows_expire() {
     assert_eq!(stat(&h, Stat::FlowReplaced), moved);
 
     for sport in 2000..2010 {
-        send(&mut h, udp(client, sport, vip, 53, b"q"));
-        send(&mut h, udp(client, sport, vip, 53, b"q"));
+        send(&mut h, udp(client, sport, vip, UDP_PORT, b"q"));
+        send(&mut h, udp(client, sport, vip, UDP_PORT, b"q"));
     }
     let hits = stat(&h, Stat::FlowHit);
     std::thread::sleep(std::time::Duration::from_millis(1300));
     for sport in 2000..2010 {
-        send(&mut h, udp(client, sport, vip, 53, b"q"));
+        send(&mut h, udp(client, sport, vip, UDP_PORT, b"q"));
     }
     assert_eq!(
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
@@ -371,7 +364,7 @@ fn table_swaps_are_atomic_under_traffic() {
     // A small table keeps 10,000 whole-table writes quick.
     const M: u32 = 251;
     const SWAPS: usize = 10_000;
-    let all = neighbours([11, 12, 13].map(ip), TEST_RUN_IFINDEX);
+    let all = neighbours([0, 1, 2].map(backend), TEST_RUN_IFINDEX);
     let h = Harness::new(&config(&THREE, M), &all).unwrap();
     let Harness {
         mut ebpf,
@@ -384,13 +377,13 @@ fn table_swaps_are_atomic_under_traffic() {
     // then .13 down, then .12 down.
     let health = [
         Health::new(),
-        Health::from([((key, ip(13)), false)]),
-        Health::from([((key, ip(12)), false)]),
+        Health::from([((key, backend(2)), false)]),
+        Health::from([((key, backend(1)), false)]),
     ];
     let tables: Vec<Config> = [
         &THREE[..],
-        &[(11, "active"), (12, "active")],
-        &[(11, "active"), (13, "active")],
+        &[(0, "active"), (1, "active")],
+        &[(0, "active"), (2, "active")],
     ]
     .iter()
     .map(|b| Config::parse(&config(b, M), std::path::Path::new("state.yaml")).unwrap())
@@ -419,9 +412,9 @@ fn table_swaps_are_atomic_under_traffic() {
             1024 + (n % 60000) as u16,
         );
         let before = applied.load(Ordering::SeqCst);
-        let out = run_packet(&mut ebpf, &tcp_syn(client, sport, VIP, 80)).unwrap();
+        let out = run_packet(&mut ebpf, &tcp_syn(client, sport, VIP, TCP_PORT)).unwrap();
         let after = applied.load(Ordering::SeqCst);
-        assert_eq!(out.action, XDP_TX, "packet {checked}");
+        assert_eq!(out.action, XdpAction::Tx, "packet {checked}");
         if after != before {
             // A swap completed while the packet ran: any state could apply.
             continue;

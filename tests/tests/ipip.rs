@@ -7,49 +7,47 @@ use std::net::{IpAddr, Ipv4Addr};
 use etherparse::{IpNumber, Ipv4Header};
 use lb_common::{ICMP_BURST, ICMP_NS_PER_TOKEN, Stat};
 use lb_tests::{
+    addresses::{CLIENT, LB, TCP_PORT, UDP_PORT, VIP, routed_backend_address},
+    config_yaml::{ConfigYaml, VipYaml, dns, web},
+    fixture::{Case, Expect, check},
     packet::{
         Harness, LB_MAC, ROUTER_MAC, frag_needed, routed_neighbours, tcp_syn,
         tcp_syn_with_ip_options, udp,
     },
     root::root_or_skip,
+    xdp::XdpAction,
 };
 use lb_userspace::reconcile::Neighbours;
 
-const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+/// The source address of the route to the backends: another address of the
+/// load balancer's than `LB`, so a test tells which of the two was used.
 const ROUTE_SRC: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 33);
-const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 99, 0, 11),
-    Ipv4Addr::new(10, 99, 0, 12),
-    Ipv4Addr::new(10, 99, 0, 13),
-];
 
-fn config(encap_source: Option<Ipv4Addr>) -> String {
-    let backends: String = BACKENDS
-        .iter()
-        .map(|b| format!("      - {{ address: {b}, weight: 1 }}\n"))
-        .collect();
-    let source = encap_source.map_or(String::new(), |s| format!("    encap_source: {s}\n"));
-    format!(
-        "interface: lo\nmaglev: {{ table_size: 65537, seed: 0x5eed }}\nvips:\n\
-         \x20 - name: web\n    address: {VIP}\n    port: 80\n    protocol: tcp\n    forwarding: ipip\n{source}    backends:\n{backends}\
-         \x20 - name: dns\n    address: {VIP}\n    port: 53\n    protocol: udp\n    forwarding: ipip\n{source}    backends:\n{backends}"
-    )
+/// The three backends behind the router.
+fn backends() -> impl Iterator<Item = Ipv4Addr> {
+    (0..3).map(routed_backend_address)
+}
+
+/// web and dns on the VIP, `forwarding: ipip` to the routed backends, each
+/// VIP adjusted by `with`.
+fn config(with: impl Fn(VipYaml) -> VipYaml) -> String {
+    ConfigYaml::new([web(VIP), dns(VIP)].map(|v| with(v.ipip()).backends(backends()))).to_string()
+}
+
+/// `encap_source: LB`.
+fn from_lb(v: VipYaml) -> VipYaml {
+    v.setting("encap_source", LB)
 }
 
 /// Every backend reached through the router, with `mtu`.
 fn routed(mtu: u32) -> Neighbours {
-    routed_neighbours(BACKENDS, ROUTE_SRC, mtu)
+    routed_neighbours(backends(), ROUTE_SRC, mtu)
 }
 
-fn harness(test: &str, encap_source: Option<Ipv4Addr>, neighbours: &Neighbours) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
-    Some(Harness::new(&config(encap_source), neighbours).expect("load"))
+/// `input` sent with XDP_TX to `backend` from `src`, as a fixture.
+fn encapsulated(name: String, input: Vec<u8>, src: Ipv4Addr, backend: IpAddr, flow: Stat) -> Case {
+    let output = Expect::Encapsulated(backend, expected(&input, src, backend));
+    Case::new(name, input, XdpAction::Tx, output, &[flow])
 }
 
 /// What the program must produce for `input` sent to `backend` from `src`.
@@ -82,33 +80,35 @@ fn expected(input: &[u8], src: Ipv4Addr, backend: IpAddr) -> Vec<u8> {
 
 #[test]
 fn tcp_and_udp_are_encapsulated_byte_for_byte() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "tcp_and_udp_are_encapsulated_byte_for_byte",
-        Some(LB),
+        &config(from_lb),
         &routed(1500),
     ) else {
         return;
     };
     let (web, dns) = (h.config.vips[0].clone(), h.config.vips[1].clone());
     let mut seen = std::collections::BTreeSet::new();
+    let mut cases = Vec::new();
     for sport in 40000..40100u16 {
-        let syn = tcp_syn(CLIENT, sport, VIP, 80);
-        let out = h.run(&syn).unwrap();
         let backend = h.expected_backend(&web, CLIENT, sport);
-        assert_eq!(out.action, XDP_TX);
-        assert_eq!(
-            out.packet,
-            expected(&syn, LB, backend),
-            "SYN from port {sport}"
-        );
         seen.insert(backend);
-        let dgram = udp(CLIENT, sport, VIP, 53, b"query");
-        let out = h.run(&dgram).unwrap();
-        assert_eq!(
-            out.packet,
-            expected(&dgram, LB, h.expected_backend(&dns, CLIENT, sport))
-        );
+        cases.push(encapsulated(
+            format!("SYN from port {sport}"),
+            tcp_syn(CLIENT, sport, VIP, TCP_PORT),
+            LB,
+            backend,
+            Stat::FlowMissSyn,
+        ));
+        cases.push(encapsulated(
+            format!("datagram from port {sport}"),
+            udp(CLIENT, sport, VIP, UDP_PORT, b"query"),
+            LB,
+            h.expected_backend(&dns, CLIENT, sport),
+            Stat::FlowMissSyn,
+        ));
     }
+    check(&mut h, &cases);
     assert_eq!(seen.len(), 3);
     let c = h.counters().unwrap();
     assert_eq!(c.stat(Stat::ActionTx), 200);
@@ -116,22 +116,28 @@ fn tcp_and_udp_are_encapsulated_byte_for_byte() {
 
 #[test]
 fn the_inner_tos_is_copied_and_the_route_source_is_the_default() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "the_inner_tos_is_copied_and_the_route_source_is_the_default",
-        None,
+        &config(|v| v),
         &routed(1500),
     ) else {
         return;
     };
     let web = h.config.vips[0].clone();
-    let mut syn = tcp_syn(CLIENT, 41000, VIP, 80);
+    let mut syn = tcp_syn(CLIENT, 41000, VIP, TCP_PORT);
     syn[15] = 0xb9; // DSCP EF, ECN 01
-    let out = h.run(&syn).unwrap();
-    assert_eq!(
-        out.packet,
-        expected(&syn, ROUTE_SRC, h.expected_backend(&web, CLIENT, 41000))
+    let case = encapsulated(
+        "SYN with DSCP EF, ECN 01".into(),
+        syn,
+        ROUTE_SRC,
+        h.expected_backend(&web, CLIENT, 41000),
+        Stat::FlowMissSyn,
     );
-    assert_eq!(out.packet[15], 0xb9, "outer TOS");
+    let Expect::Encapsulated(_, output) = &case.output else {
+        unreachable!()
+    };
+    assert_eq!(output[15], 0xb9, "outer TOS");
+    check(&mut h, &[case]);
 }
 
 #[test]
@@ -139,22 +145,23 @@ fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
     if !root_or_skip("no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac") {
         return;
     }
+    let dropped = |name: &str, sport| {
+        Case::dropped(
+            name,
+            tcp_syn(CLIENT, sport, VIP, TCP_PORT),
+            &[Stat::FlowMissSyn, Stat::DropNoNeighbour],
+        )
+    };
     // No neighbour entries at all.
-    let mut h = Harness::new(&config(Some(LB)), &Neighbours::new()).unwrap();
-    assert_eq!(
-        h.run(&tcp_syn(CLIENT, 42000, VIP, 80)).unwrap().action,
-        XDP_DROP
-    );
+    let mut h = Harness::new(&config(from_lb), &Neighbours::new()).unwrap();
+    check(&mut h, &[dropped("no next hop", 42000)]);
     // A next hop, but neither an encap_source nor a route source.
     let mut no_src = routed(1500);
     for n in no_src.values_mut() {
         n.src_addr = None;
     }
-    let mut h2 = Harness::new(&config(None), &no_src).unwrap();
-    assert_eq!(
-        h2.run(&tcp_syn(CLIENT, 42001, VIP, 80)).unwrap().action,
-        XDP_DROP
-    );
+    let mut h2 = Harness::new(&config(|v| v), &no_src).unwrap();
+    check(&mut h2, &[dropped("no source address", 42001)]);
     for h in [&h, &h2] {
         let c = h.counters().unwrap();
         assert_eq!(
@@ -168,26 +175,33 @@ fn no_next_hop_or_no_source_is_a_counted_drop_never_a_zero_mac() {
 fn a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed() {
     // MTU 100: a SYN (40 bytes of IP, 60 encapsulated) fits; 100 bytes of
     // UDP payload (128 bytes of IP, Don't Fragment set) do not.
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "a_df_packet_too_big_once_encapsulated_is_answered_with_fragmentation_needed",
-        Some(LB),
+        &config(from_lb),
         &routed(100),
     ) else {
         return;
     };
-    assert_eq!(
-        h.run(&tcp_syn(CLIENT, 43000, VIP, 80)).unwrap().action,
-        XDP_TX
-    );
-    let big = udp(CLIENT, 43001, VIP, 53, &[0u8; 100]);
+    let web = h.config.vips[0].clone();
+    let big = udp(CLIENT, 43001, VIP, UDP_PORT, &[0u8; 100]);
     assert_ne!(big[14 + 6] & 0x40, 0, "Don't Fragment set");
-    let out = h.run(&big).unwrap();
-    assert_eq!(out.action, XDP_TX, "sent back to the client");
-    assert_eq!(
-        out.packet,
-        frag_needed(&big, 80),
-        "ICMP 3/4 carrying MTU 100 - 20"
-    );
+    let cases = [
+        encapsulated(
+            "a SYN fits".into(),
+            tcp_syn(CLIENT, 43000, VIP, TCP_PORT),
+            LB,
+            h.expected_backend(&web, CLIENT, 43000),
+            Stat::FlowMissSyn,
+        ),
+        Case::new(
+            "ICMP 3/4 carrying MTU 100 - 20, sent back to the client",
+            big.clone(),
+            XdpAction::Tx,
+            Expect::Bytes(frag_needed(&big, 80)),
+            &[Stat::FlowMissSyn, Stat::IcmpTooBig],
+        ),
+    ];
+    check(&mut h, &cases);
     let c = h.counters().unwrap();
     assert_eq!(
         (
@@ -204,19 +218,16 @@ fn too_big_packets_icmp_may_not_answer_are_a_counted_drop() {
     if !root_or_skip("too_big_packets_icmp_may_not_answer_are_a_counted_drop") {
         return;
     }
-    let big = |src: Ipv4Addr| udp(src, 44000, VIP, 53, &[0u8; 100]);
+    let big = |src: Ipv4Addr| udp(src, 44000, VIP, UDP_PORT, &[0u8; 100]);
     let mut no_df = big(CLIENT);
     no_df[14 + 6] &= !0x40;
     let mut group_mac = big(CLIENT);
     group_mac[0] |= 1;
     // 48 bytes of IP (8 of options), 68 encapsulated: too big for MTU 60.
-    let options = tcp_syn_with_ip_options(CLIENT, 44001, VIP, 80);
+    let options = tcp_syn_with_ip_options(CLIENT, 44001, VIP, TCP_PORT);
     assert_ne!(options[14 + 6] & 0x40, 0, "Don't Fragment set");
-    let off = config(Some(LB)).replace(
-        "    encap_source:",
-        "    icmp_too_big: false\n    encap_source:",
-    );
-    let on = config(Some(LB));
+    let off = config(|v| from_lb(v).setting("icmp_too_big", false));
+    let on = config(from_lb);
     let cases = [
         ("no Don't Fragment", &on, 100, no_df),
         ("icmp_too_big: false", &off, 100, big(CLIENT)),
@@ -229,28 +240,36 @@ fn too_big_packets_icmp_may_not_answer_are_a_counted_drop() {
     ];
     for (what, text, mtu, packet) in cases {
         let mut h = Harness::new(text, &routed(mtu)).unwrap();
-        h.assert_too_big_dropped(&packet, Stat::IcmpTooBig, what);
+        check(
+            &mut h,
+            &[Case::dropped(
+                what,
+                packet,
+                &[Stat::FlowMissSyn, Stat::DropTooBig],
+            )],
+        );
     }
 }
 
 #[test]
 fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "a_total_length_that_is_not_the_packets_is_a_counted_drop",
-        Some(LB),
+        &config(from_lb),
         &routed(100),
     ) else {
         return;
     };
-    // 33 bytes of IP claiming 2000 (would be "too big"), or less than a header.
-    for (claimed, reason) in [
-        (2000u16, Stat::DropTruncatedIp),
-        (19, Stat::DropBadIpHeader),
+    // 33 bytes of IP claiming 2000 (would be "too big"), or less than a
+    // header. The first places the flow, the second finds it.
+    for (claimed, flow, reason) in [
+        (2000u16, Stat::FlowMissSyn, Stat::DropTruncatedIp),
+        (19, Stat::FlowHit, Stat::DropBadIpHeader),
     ] {
-        let mut packet = udp(CLIENT, 45000, VIP, 53, b"hello");
+        let mut packet = udp(CLIENT, 45000, VIP, UDP_PORT, b"hello");
         packet[14 + 2..14 + 4].copy_from_slice(&claimed.to_be_bytes());
-        let out = h.run(&packet).unwrap();
-        assert_eq!((out.action, &out.packet), (XDP_DROP, &packet), "{claimed}");
+        let name = format!("total length {claimed}");
+        check(&mut h, &[Case::dropped(name, packet, &[flow, reason])]);
         let c = h.counters().unwrap();
         assert_eq!(c.stat(reason), 1, "{claimed}: {}", reason.name());
     }
@@ -260,9 +279,9 @@ fn a_total_length_that_is_not_the_packets_is_a_counted_drop() {
 
 #[test]
 fn icmp_answers_are_rate_limited_per_cpu() {
-    let Some(mut h) = harness(
+    let Some(mut h) = Harness::for_test(
         "icmp_answers_are_rate_limited_per_cpu",
-        Some(LB),
+        &config(from_lb),
         &routed(100),
     ) else {
         return;
@@ -272,8 +291,13 @@ fn icmp_answers_are_rate_limited_per_cpu() {
     let sent = 3 * ICMP_BURST;
     let started = std::time::Instant::now();
     for i in 0..sent {
-        let out = h.run(&udp(CLIENT, 46000, VIP, 53, &[0u8; 100])).unwrap();
-        assert!(out.action == XDP_TX || out.action == XDP_DROP, "packet {i}");
+        let out = h
+            .run(&udp(CLIENT, 46000, VIP, UDP_PORT, &[0u8; 100]))
+            .unwrap();
+        assert!(
+            out.action == XdpAction::Tx || out.action == XdpAction::Drop,
+            "packet {i}"
+        );
     }
     let elapsed = started.elapsed();
     let refilled = elapsed.as_nanos() as u64 / ICMP_NS_PER_TOKEN;

@@ -3,88 +3,50 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
 };
 
 use lb_common::{STAT_COUNT, Stat};
 use lb_tests::{
+    addresses::{
+        CLIENT, CLIENT6, LB, LB6, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address, backend_address6,
+    },
+    config_yaml::{ConfigYaml, dns, web},
+    fixture::{Case, Expect, check},
     packet::{
-        Harness, LB_MAC, arp_request, backend_mac, fix_ipv4_checksum, neighbours, tcp_ack, tcp_syn,
-        tcp_syn_with_ip_options, udp, with_ipv6_extensions,
+        Harness, LB_MAC, TEST_RUN_IFINDEX, arp_request, fix_ipv4_checksum, neighbours, tcp_ack,
+        tcp_syn, tcp_syn_with_ip_options, udp, with_ipv6_extensions,
     },
     root::root_or_skip,
+    xdp::XdpAction,
 };
 
-// enum xdp_action in include/uapi/linux/bpf.h.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
+/// The three IPv4 backends.
+fn b(i: usize) -> IpAddr {
+    backend_address(i).into()
+}
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const B: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 77, 0, 11),
-    Ipv4Addr::new(10, 77, 0, 12),
-    Ipv4Addr::new(10, 77, 0, 13),
-];
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
-const B6: [Ipv6Addr; 3] = [
-    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x11),
-    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x12),
-    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x13),
-];
-/// BPF_PROG_TEST_RUN runs the program as if received on loopback (ifindex 1).
-const TEST_RUN_IFINDEX: u32 = 1;
+/// The three IPv6 backends.
+fn b6(i: usize) -> IpAddr {
+    backend_address6(i).into()
+}
 
-const CONFIG: &str = r#"
-interface: lo
-maglev: { table_size: 65537, seed: 0x5eed }
-max_vips: 4
-vips:
-  - name: web
-    address: 10.77.0.100
-    port: 80
-    protocol: tcp
-    forwarding: l2
-    backends:
-      - { address: 10.77.0.11, weight: 1 }
-      - { address: 10.77.0.12, weight: 1 }
-      - { address: 10.77.0.13, weight: 2 }
-  - name: dns
-    address: 10.77.0.100
-    port: 53
-    protocol: udp
-    forwarding: l2
-    backends:
-      - { address: 10.77.0.11, weight: 1 }
-      - { address: 10.77.0.12, weight: 1 }
-  - name: web6
-    address: fd00:77::100
-    port: 80
-    protocol: tcp
-    forwarding: l2
-    backends:
-      - { address: "fd00:77::11", weight: 1 }
-      - { address: "fd00:77::12", weight: 1 }
-      - { address: "fd00:77::13", weight: 2 }
-  - name: dns6
-    address: fd00:77::100
-    port: 53
-    protocol: udp
-    forwarding: l2
-    backends:
-      - { address: "fd00:77::11", weight: 1 }
-      - { address: "fd00:77::12", weight: 1 }
-"#;
+/// web and dns on the IPv4 VIP, web6 and dns6 on the IPv6 one; the third
+/// web backend weighs twice the others.
+fn config() -> String {
+    ConfigYaml::new([
+        web(VIP).backends([b(0), b(1)]).backend(b(2), 2, None),
+        dns(VIP).backends([b(0), b(1)]),
+        web(VIP6).backends([b6(0), b6(1)]).backend(b6(2), 2, None),
+        dns(VIP6).backends([b6(0), b6(1)]),
+    ])
+    .max_vips(4)
+    .to_string()
+}
 
 fn harness(test: &str) -> Option<Harness> {
-    if !root_or_skip(test) {
-        return None;
-    }
-    let all = B.map(IpAddr::from).into_iter().chain(B6.map(IpAddr::from));
-    Some(Harness::new(CONFIG, &neighbours(all, TEST_RUN_IFINDEX)).expect("load and configure"))
+    let all = (0..3).map(b).chain((0..3).map(b6));
+    Harness::for_test(test, &config(), &neighbours(all, TEST_RUN_IFINDEX))
 }
 
 /// Counter values that must hold exactly: every `Stat` not listed must be 0.
@@ -94,17 +56,6 @@ fn assert_stats(h: &Harness, expected: &[(Stat, u64)]) {
     let got: BTreeMap<&str, u64> = c.nonzero_stats().into_iter().collect();
     assert_eq!(got, want);
     assert_eq!(c.stats.len(), STAT_COUNT as usize);
-}
-
-/// Asserts the program forwarded `input` with XDP_TX to `backend`: new
-/// destination and source MACs, every other byte unchanged.
-fn assert_forwarded(out: &lb_tests::packet::Outcome, input: &[u8], backend: IpAddr) {
-    assert_eq!(out.action, XDP_TX, "verdict");
-    assert_eq!(out.packet.len(), input.len());
-    let mut expected = input.to_vec();
-    expected[..6].copy_from_slice(&backend_mac(backend));
-    expected[6..12].copy_from_slice(&LB_MAC);
-    assert_eq!(out.packet, expected, "only the MACs change");
 }
 
 #[test]
@@ -136,14 +87,20 @@ fn syns_go_where_the_table_says(h: &mut Harness, name: &str, client: IpAddr) {
     let mut per_backend = BTreeMap::new();
     let n = 300u64;
     let mut bytes = 0;
+    let mut cases = Vec::new();
     for sport in 40000..40000 + n as u16 {
-        let input = tcp_syn(client, sport, web.address, 80);
+        let input = tcp_syn(client, sport, web.address, TCP_PORT);
         bytes += input.len() as u64;
         let expected = h.expected_backend(&web, client, sport);
-        let out = h.run(&input).unwrap();
-        assert_forwarded(&out, &input, expected);
         *per_backend.entry(expected).or_insert(0u64) += 1;
+        cases.push(Case::to_backend(
+            format!("SYN from port {sport}"),
+            input,
+            expected,
+            &[Stat::FlowMissSyn],
+        ));
     }
+    check(h, &cases);
     assert_eq!(
         per_backend.len(),
         3,
@@ -180,13 +137,20 @@ fn udp_to_a_vip_goes_to_the_backend_the_userspace_table_names() {
     };
     let dns = h.config.vips[1].clone();
     let mut seen = std::collections::BTreeSet::new();
+    let mut cases = Vec::new();
     for sport in 1024..1224u16 {
-        let input = udp(CLIENT, sport, VIP, 53, b"query");
+        let input = udp(CLIENT, sport, VIP, UDP_PORT, b"query");
         let expected = h.expected_backend(&dns, CLIENT, sport);
-        assert!(expected == B[0] || expected == B[1]);
-        assert_forwarded(&h.run(&input).unwrap(), &input, expected);
+        assert!(expected == b(0) || expected == b(1));
         seen.insert(expected);
+        cases.push(Case::to_backend(
+            format!("datagram from port {sport}"),
+            input,
+            expected,
+            &[Stat::FlowMissSyn],
+        ));
     }
+    check(&mut h, &cases);
     assert_eq!(seen.len(), 2);
     assert_stats(&h, &[(Stat::ActionTx, 200), (Stat::FlowMissSyn, 200)]);
 }
@@ -202,20 +166,35 @@ fn ipv6_udp_and_established_tcp_follow_the_table_and_the_flow_table() {
     let web6 = h.config.vips[2].clone();
     assert_eq!((dns6.name.as_str(), web6.name.as_str()), ("dns6", "web6"));
     let mut seen = std::collections::BTreeSet::new();
+    let mut cases = Vec::new();
     for sport in 1024..1124u16 {
-        let input = udp(CLIENT6, sport, VIP6, 53, b"query");
+        let input = udp(CLIENT6, sport, VIP6, UDP_PORT, b"query");
         let expected = h.expected_backend(&dns6, CLIENT6, sport);
-        assert_forwarded(&h.run(&input).unwrap(), &input, expected);
         seen.insert(expected);
+        cases.push(Case::to_backend(
+            format!("datagram from port {sport}"),
+            input,
+            expected,
+            &[Stat::FlowMissSyn],
+        ));
     }
-    assert_eq!(seen, B6[..2].iter().map(|&b| IpAddr::from(b)).collect());
+    assert_eq!(seen, [b6(0), b6(1)].into());
     for sport in 50000..50050u16 {
-        let syn = tcp_syn(CLIENT6, sport, VIP6, 80);
         let backend = h.expected_backend(&web6, CLIENT6, sport);
-        assert_forwarded(&h.run(&syn).unwrap(), &syn, backend);
-        let ack = tcp_ack(CLIENT6, sport, VIP6, 80);
-        assert_forwarded(&h.run(&ack).unwrap(), &ack, backend);
+        cases.push(Case::to_backend(
+            format!("SYN from port {sport}"),
+            tcp_syn(CLIENT6, sport, VIP6, TCP_PORT),
+            backend,
+            &[Stat::FlowMissSyn],
+        ));
+        cases.push(Case::to_backend(
+            format!("ACK from port {sport}"),
+            tcp_ack(CLIENT6, sport, VIP6, TCP_PORT),
+            backend,
+            &[Stat::FlowHit],
+        ));
     }
+    check(&mut h, &cases);
     assert_stats(
         &h,
         &[
@@ -253,7 +232,7 @@ fn ipv6_extension_headers_are_walked_up_to_five() {
         return;
     };
     let web6 = h.config.vips[2].clone();
-    let syn = |sport| tcp_syn(CLIENT6, sport, VIP6, 80);
+    let syn = |sport| tcp_syn(CLIENT6, sport, VIP6, TCP_PORT);
     let routing_done = [0, 4, 0, 0, 0, 0, 0]; // type 4, no segments left
     let atomic_fragment = [0, 0, 0, 0, 0, 0, 1]; // offset 0, M clear
     let walked: [(u16, Vec<Extension>); 5] = [
@@ -281,11 +260,18 @@ fn ipv6_extension_headers_are_walked_up_to_five() {
             ],
         ),
     ];
-    for (sport, headers) in &walked {
-        let input = with_ipv6_extensions(&syn(*sport), headers);
-        let expected = h.expected_backend(&web6, CLIENT6, *sport);
-        assert_forwarded(&h.run(&input).unwrap(), &input, expected);
-    }
+    let walked: Vec<Case> = walked
+        .iter()
+        .map(|(sport, headers)| {
+            Case::to_backend(
+                format!("{} extension headers, port {sport}", headers.len()),
+                with_ipv6_extensions(&syn(*sport), headers),
+                h.expected_backend(&web6, CLIENT6, *sport),
+                &[Stat::FlowMissSyn],
+            )
+        })
+        .collect();
+    check(&mut h, &walked);
     let six = vec![
         ext(HOP_BY_HOP, PADN, 0),
         ext(DEST_OPTIONS, PADN, 0),
@@ -335,11 +321,11 @@ fn ipv6_extension_headers_are_walked_up_to_five() {
             Stat::PassNotTcpUdp,
         ),
     ];
-    for (what, input, _) in &passed {
-        let out = h.run(input).unwrap();
-        assert_eq!(out.action, XDP_PASS, "{what}");
-        assert_eq!(&out.packet, input, "{what} must be untouched");
-    }
+    let passed: Vec<Case> = passed
+        .into_iter()
+        .map(|(what, input, reason)| Case::passed(what, input, &[reason]))
+        .collect();
+    check(&mut h, &passed);
     assert_stats(
         &h,
         &[
@@ -362,27 +348,41 @@ fn truncated_and_malformed_ipv6_headers_are_dropped_and_counted() {
     let Some(mut h) = harness("truncated_ipv6") else {
         return;
     };
+    let web6 = h.config.vips[2].clone();
     let syn = with_ipv6_extensions(
-        &tcp_syn(CLIENT6, 40000, VIP6, 80),
+        &tcp_syn(CLIENT6, 40000, VIP6, TCP_PORT),
         &[ext(HOP_BY_HOP, PADN, 1)],
     );
     assert_eq!(syn.len(), 14 + 40 + 16 + 20);
     let mut expected: BTreeMap<Stat, u64> = BTreeMap::new();
+    let mut cases = Vec::new();
     for cut in 14..syn.len() {
-        let out = h.run(&syn[..cut]).unwrap();
-        assert_eq!(out.action, XDP_DROP, "cut at {cut}");
-        assert_eq!(out.packet, &syn[..cut], "a dropped frame is not modified");
         let reason = if cut < 14 + 40 + 8 {
             Stat::DropTruncatedIp
         } else {
             Stat::DropTruncatedL4
         };
         *expected.entry(reason).or_default() += 1;
+        cases.push(Case::dropped(
+            format!("cut at {cut}"),
+            syn[..cut].to_vec(),
+            &[reason],
+        ));
     }
     let mut version4 = syn.clone();
     version4[14] = 0x40;
-    assert_eq!(h.run(&version4).unwrap().action, XDP_DROP);
-    assert_eq!(h.run(&syn).unwrap().action, XDP_TX, "the whole packet goes");
+    cases.push(Case::dropped(
+        "version 4 in an IPv6 EtherType",
+        version4,
+        &[Stat::DropBadIpHeader],
+    ));
+    cases.push(Case::to_backend(
+        "the whole packet",
+        syn.clone(),
+        h.expected_backend(&web6, CLIENT6, 40000),
+        &[Stat::FlowMissSyn],
+    ));
+    check(&mut h, &cases);
     expected.insert(Stat::DropBadIpHeader, 1);
     expected.insert(Stat::ActionDrop, (syn.len() - 14) as u64 + 1);
     expected.insert(Stat::ActionTx, 1);
@@ -396,9 +396,9 @@ fn the_same_five_tuple_always_picks_the_same_backend() {
     let Some(mut h) = harness("same_five_tuple") else {
         return;
     };
-    let input = tcp_syn(Ipv4Addr::new(10, 77, 0, 9), 51515, VIP, 80);
+    let input = tcp_syn(CLIENT, 51515, VIP, TCP_PORT);
     let first = h.run(&input).unwrap();
-    assert_eq!(first.action, XDP_TX);
+    assert_eq!(first.action, XdpAction::Tx);
     for _ in 0..100 {
         assert_eq!(h.run(&input).unwrap(), first);
     }
@@ -410,15 +410,20 @@ fn ip_options_are_skipped_using_the_ihl() {
         return;
     };
     let web = h.config.vips[0].clone();
-    for sport in [1111u16, 2222, 3333, 4444] {
-        let input = tcp_syn_with_ip_options(CLIENT, sport, VIP, 80);
-        assert_eq!(input[14] & 0x0f, 7, "IHL 7");
-        assert_forwarded(
-            &h.run(&input).unwrap(),
-            &input,
-            h.expected_backend(&web, CLIENT, sport),
-        );
-    }
+    let cases: Vec<Case> = [1111u16, 2222, 3333, 4444]
+        .into_iter()
+        .map(|sport| {
+            let input = tcp_syn_with_ip_options(CLIENT, sport, VIP, TCP_PORT);
+            assert_eq!(input[14] & 0x0f, 7, "IHL 7");
+            Case::to_backend(
+                format!("SYN with options from port {sport}"),
+                input,
+                h.expected_backend(&web, CLIENT, sport),
+                &[Stat::FlowMissSyn],
+            )
+        })
+        .collect();
+    check(&mut h, &cases);
 }
 
 #[test]
@@ -426,11 +431,19 @@ fn a_backend_behind_another_interface_is_redirected() {
     if !root_or_skip("redirect") {
         return;
     }
-    let mut h = Harness::new(CONFIG, &neighbours(B, 4242)).unwrap();
-    let input = tcp_syn(CLIENT, 40000, VIP, 80);
-    let out = h.run(&input).unwrap();
-    assert_eq!(out.action, XDP_REDIRECT);
-    assert_eq!(&out.packet[6..12], &LB_MAC);
+    let mut h = Harness::new(&config(), &neighbours((0..3).map(b), 4242)).unwrap();
+    let web = h.config.vips[0].clone();
+    let input = tcp_syn(CLIENT, 40000, VIP, TCP_PORT);
+    // Redirected with the same rewrite as XDP_TX: the backend's MAC and
+    // the load balancer's.
+    let case = Case::new(
+        "SYN to a backend behind interface 4242",
+        input,
+        XdpAction::Redirect,
+        Expect::Backend(h.expected_backend(&web, CLIENT, 40000)),
+        &[Stat::FlowMissSyn],
+    );
+    check(&mut h, &[case]);
     assert_stats(&h, &[(Stat::ActionRedirect, 1), (Stat::FlowMissSyn, 1)]);
 }
 
@@ -440,20 +453,31 @@ fn an_unresolved_backend_is_dropped_never_sent_to_a_zero_mac() {
         return;
     }
     // Only the first backend has a MAC.
-    let mut h = Harness::new(CONFIG, &neighbours([B[0]], TEST_RUN_IFINDEX)).unwrap();
+    let mut h = Harness::new(&config(), &neighbours([b(0)], TEST_RUN_IFINDEX)).unwrap();
     let web = h.config.vips[0].clone();
     let (mut tx, mut dropped) = (0, 0);
+    let mut cases = Vec::new();
     for sport in 20000..20100u16 {
-        let input = tcp_syn(CLIENT, sport, VIP, 80);
-        let out = h.run(&input).unwrap();
-        if h.expected_backend(&web, CLIENT, sport) == B[0] {
-            assert_forwarded(&out, &input, B[0].into());
+        let input = tcp_syn(CLIENT, sport, VIP, TCP_PORT);
+        let backend = h.expected_backend(&web, CLIENT, sport);
+        cases.push(if backend == b(0) {
             tx += 1;
+            Case::to_backend(
+                format!("SYN from port {sport}, to {backend}"),
+                input,
+                backend,
+                &[Stat::FlowMissSyn],
+            )
         } else {
-            assert_eq!(out.action, XDP_DROP);
             dropped += 1;
-        }
+            Case::dropped(
+                format!("SYN from port {sport}, to {backend} without a MAC"),
+                input,
+                &[Stat::FlowMissSyn, Stat::DropNoNeighbour],
+            )
+        });
     }
+    check(&mut h, &cases);
     assert!(tx > 0 && dropped > 0);
     assert_stats(
         &h,
@@ -471,51 +495,41 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
     let Some(mut h) = harness("not_for_a_vip") else {
         return;
     };
-    let other_host = Ipv4Addr::new(10, 77, 0, 3);
     let mut icmp = Vec::new();
     etherparse::PacketBuilder::ethernet2([2; 6], LB_MAC)
         .ipv4(CLIENT.octets(), VIP.octets(), 64)
         .icmpv4_echo_request(1, 1)
         .write(&mut icmp, b"ping")
         .unwrap();
-    let mut fragment = udp(CLIENT, 5000, VIP, 53, b"first fragment");
+    let mut fragment = udp(CLIENT, 5000, VIP, UDP_PORT, b"first fragment");
     fragment[14 + 6] = 0x20; // more fragments
     fix_ipv4_checksum(&mut fragment);
-    let cases: [(&str, Vec<u8>, Stat); 7] = [
-        (
+    let cases = [
+        Case::passed(
             "another address",
-            tcp_syn(CLIENT, 40000, other_host, 80),
-            Stat::PassNotVip,
+            tcp_syn(CLIENT, 40000, LB, TCP_PORT),
+            &[Stat::PassNotVip],
         ),
-        (
+        Case::passed(
             "VIP, another port",
             tcp_syn(CLIENT, 40000, VIP, 8080),
-            Stat::PassNotVip,
+            &[Stat::PassNotVip],
         ),
-        (
+        Case::passed(
             "VIP port, other protocol",
-            udp(CLIENT, 40000, VIP, 80, b"x"),
-            Stat::PassNotVip,
+            udp(CLIENT, 40000, VIP, TCP_PORT, b"x"),
+            &[Stat::PassNotVip],
         ),
-        ("ARP", arp_request(CLIENT, VIP), Stat::PassNotIp),
-        (
+        Case::passed("ARP", arp_request(CLIENT, VIP), &[Stat::PassNotIp]),
+        Case::passed(
             "IPv6, another address",
-            tcp_syn(
-                CLIENT6,
-                40000,
-                Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3),
-                80,
-            ),
-            Stat::PassNotVip,
+            tcp_syn(CLIENT6, 40000, LB6, TCP_PORT),
+            &[Stat::PassNotVip],
         ),
-        ("ICMP", icmp, Stat::PassNotTcpUdp),
-        ("fragment", fragment, Stat::PassFragment),
+        Case::passed("ICMP", icmp, &[Stat::PassNotTcpUdp]),
+        Case::passed("fragment", fragment, &[Stat::PassFragment]),
     ];
-    for (what, input, _) in &cases {
-        let out = h.run(input).unwrap();
-        assert_eq!(out.action, XDP_PASS, "{what}");
-        assert_eq!(&out.packet, input, "{what} must be untouched");
-    }
+    check(&mut h, &cases);
     assert_stats(
         &h,
         &[
@@ -542,37 +556,39 @@ fn truncated_headers_at_every_cut_point_are_dropped_and_counted() {
     let Some(mut h) = harness("truncated_headers") else {
         return;
     };
-    let tcp = tcp_syn(CLIENT, 40000, VIP, 80);
-    let udp = udp(CLIENT, 40000, VIP, 53, b"");
+    let (web, dns) = (h.config.vips[0].clone(), h.config.vips[1].clone());
+    let tcp = tcp_syn(CLIENT, 40000, VIP, TCP_PORT);
+    let udp = udp(CLIENT, 40000, VIP, UDP_PORT, b"");
     assert_eq!((tcp.len(), udp.len()), (54, 42));
     let mut expected: BTreeMap<Stat, u64> = BTreeMap::new();
-    for packet in [&tcp, &udp] {
+    for (packet, vip) in [(&tcp, &web), (&udp, &dns)] {
         for cut in 0..14 {
             assert!(
                 h.run(&packet[..cut]).is_err(),
                 "the kernel refuses a {cut}-byte frame"
             );
         }
+        let mut cases = Vec::new();
         for cut in 14..packet.len() {
-            let out = h.run(&packet[..cut]).unwrap();
-            assert_eq!(out.action, XDP_DROP, "cut at {cut} of {}", packet.len());
-            assert_eq!(
-                out.packet,
-                &packet[..cut],
-                "a dropped frame is not modified"
-            );
             let reason = if cut < 34 {
                 Stat::DropTruncatedIp
             } else {
                 Stat::DropTruncatedL4
             };
             *expected.entry(reason).or_default() += 1;
+            cases.push(Case::dropped(
+                format!("{} cut at {cut} of {}", vip.name, packet.len()),
+                packet[..cut].to_vec(),
+                &[reason],
+            ));
         }
-        assert_eq!(
-            h.run(packet).unwrap().action,
-            XDP_TX,
-            "the whole packet is forwarded"
-        );
+        cases.push(Case::to_backend(
+            format!("the whole {} packet is forwarded", vip.name),
+            packet.clone(),
+            h.expected_backend(vip, CLIENT, 40000),
+            &[Stat::FlowMissSyn],
+        ));
+        check(&mut h, &cases);
     }
     expected.insert(Stat::ActionDrop, (54 - 14) + (42 - 14));
     expected.insert(Stat::ActionTx, 2);
@@ -586,14 +602,22 @@ fn a_malformed_ipv4_header_is_dropped_and_counted() {
     let Some(mut h) = harness("malformed_ipv4") else {
         return;
     };
-    let good = tcp_syn(CLIENT, 40000, VIP, 80);
+    let good = tcp_syn(CLIENT, 40000, VIP, TCP_PORT);
     let mut short_ihl = good.clone();
     short_ihl[14] = 0x44; // IHL 4 < 5
     let mut wrong_version = good.clone();
     wrong_version[14] = 0x65; // version 6 in an IPv4 EtherType
-    for p in [&short_ihl, &wrong_version] {
-        assert_eq!(h.run(p).unwrap().action, XDP_DROP);
-    }
+    check(
+        &mut h,
+        &[
+            Case::dropped("IHL 4", short_ihl, &[Stat::DropBadIpHeader]),
+            Case::dropped(
+                "version 6 in an IPv4 EtherType",
+                wrong_version,
+                &[Stat::DropBadIpHeader],
+            ),
+        ],
+    );
     assert_stats(&h, &[(Stat::ActionDrop, 2), (Stat::DropBadIpHeader, 2)]);
 }
 
@@ -612,17 +636,20 @@ fn an_ipv6_packet_to_an_ipv4_mapped_address_never_reaches_an_ipv4_vip() {
         lb_common::vip_filter_bit_of(decoy.into()),
         "the decoy opens the filter for the mapped address"
     );
-    let config = format!(
-        "interface: lo\nmaglev: {{ table_size: 251 }}\nvips:\n\
-         \x20 - {{ name: web, address: {VIP}, port: 80, protocol: tcp, forwarding: l2, \
-         backends: [{{ address: {}, weight: 1 }}] }}\n\
-         \x20 - {{ name: decoy, address: \"{decoy}\", port: 80, protocol: tcp, forwarding: l2, \
-         backends: [{{ address: {}, weight: 1 }}] }}\n",
-        B[0], B[1]
+    let config = ConfigYaml::new([
+        web(VIP).backends([b(0)]),
+        web(decoy).named("decoy").backends([b(1)]),
+    ])
+    .table_size(251)
+    .to_string();
+    let mut h = Harness::new(&config, &neighbours((0..3).map(b), TEST_RUN_IFINDEX)).unwrap();
+    check(
+        &mut h,
+        &[Case::passed(
+            "IPv6 to the IPv4-mapped VIP address",
+            tcp_syn(CLIENT6, 40000, mapped, TCP_PORT),
+            &[Stat::PassNotVip],
+        )],
     );
-    let mut h = Harness::new(&config, &neighbours(B, TEST_RUN_IFINDEX)).unwrap();
-    let input = tcp_syn(CLIENT6, 40000, mapped, 80);
-    let out = h.run(&input).unwrap();
-    assert_eq!((out.action, &out.packet), (XDP_PASS, &input));
     assert_stats(&h, &[(Stat::ActionPass, 1), (Stat::PassNotVip, 1)]);
 }
