@@ -10,6 +10,9 @@ pub const LB: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 5353;
+/// TCP port of each backend's health listener (see
+/// [`Topology::set_health`](crate::topology::Topology::set_health)).
+pub const HEALTH_PORT: u16 = 8080;
 
 /// The client's IPv6 address (the IPv4 scheme's 10.77.0.x is fd00:77::x).
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);

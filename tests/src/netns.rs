@@ -101,9 +101,7 @@ impl Netns {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> anyhow::Result<R> {
-        self.spawn(f)?
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.name))?
+        enter_named(&self.name, f)
     }
 
     /// Like [`enter`](Self::enter), but returns at once; the thread keeps
@@ -112,13 +110,31 @@ impl Netns {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<R>>> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        Ok(std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        }))
+        spawn_named(&self.name, f)
     }
+}
+
+/// [`Netns::enter`] for a namespace known only by its name, as a process
+/// started in it with `nsenter` knows it.
+pub fn enter_named<R: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> anyhow::Result<R> {
+    spawn_named(name, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
+}
+
+fn spawn_named<R: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<R>>> {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    Ok(std::thread::spawn(move || {
+        setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    }))
 }
 
 impl Drop for Netns {

@@ -6,7 +6,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use etherparse::PacketBuilder;
@@ -180,6 +180,12 @@ fn decap_delivers_every_tunnel_to_a_backend_without_tunnel_modules_and_survives_
         "still decapsulating without lb"
     );
     decap.spawn().unwrap();
+    // spawn() returns once the new program is on eth0; the line saying so
+    // follows it into the log a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !decap.log().contains("adopted=true") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(decap.log().contains("adopted=true"), "{}", decap.log());
     assert_eq!(sender.enter(|| exchange_all(50, 41030)).unwrap(), all(50));
 

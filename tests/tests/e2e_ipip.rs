@@ -13,11 +13,12 @@ use std::{
 
 use lb_common::Stat;
 use lb_tests::{
-    root::root_or_skip,
-    topology::{
-        HEALTH_PORT, LbProcess, ROUTER6, ROUTER6_LINK_LOCAL, TCP_PORT, Topology, UDP_PORT, VIP,
-        VIP6, routed_backend_address, routed_backend_address6,
+    addresses::{
+        HEALTH_PORT, ROUTER6, ROUTER6_LINK_LOCAL, TCP_PORT, UDP_PORT, VIP, VIP6,
+        routed_backend_address, routed_backend_address6,
     },
+    root::root_or_skip,
+    topology::{LbProcess, Topology},
     traffic::{Tally, tcp_connections, udp_exchanges},
 };
 

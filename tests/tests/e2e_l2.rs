@@ -5,10 +5,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_tests::{
+    addresses::{HEALTH_PORT, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address, backend_address6},
     root::root_or_skip,
-    topology::{
-        HEALTH_PORT, L2Topology, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address, backend_address6,
-    },
+    topology::L2Topology,
     traffic::tcp_connections,
 };
 

@@ -14,10 +14,9 @@ use std::{
 
 use lb_common::Stat;
 use lb_tests::{
+    addresses::{HEALTH_PORT, TCP_PORT, VIP, VIP6, backend_address, backend_address6},
     root::root_or_skip,
-    topology::{
-        HEALTH_PORT, L2Topology, LbProcess, TCP_PORT, VIP, VIP6, backend_address, backend_address6,
-    },
+    topology::{L2Topology, LbProcess},
     traffic::{Attempt, Conn, LongLived, NewConnections, tcp_connections},
 };
 

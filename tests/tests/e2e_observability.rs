@@ -10,9 +10,10 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
+    addresses::{HEALTH_PORT, TCP_PORT, UDP_PORT, VIP, backend_address},
     netns::Netns,
     root::root_or_skip,
-    topology::{HEALTH_PORT, L2Topology, TCP_PORT, UDP_PORT, VIP, backend_address, lb_binary},
+    topology::{L2Topology, lb_binary},
     traffic::{tcp_connections, udp_exchanges},
 };
 use lb_userspace::status::Status;
@@ -345,7 +346,7 @@ fn ready_is_503_until_attached_200_after_and_503_once_shutdown_starts() {
         200,
         "alive while starting"
     );
-    lb.wait_attached(0).unwrap();
+    lb.wait_ready().unwrap();
     assert_eq!(get(&topo.client, ADMIN, "/ready").unwrap().0, 200);
 
     let pid = lb.pid().expect("lb runs") as i32;

@@ -15,10 +15,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use lb_tests::{
-    topology::{
-        CLIENT, CLIENT6, L2Topology, LB, LB6, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address,
-        backend_address6,
+    addresses::{
+        CLIENT, CLIENT6, LB, LB6, TCP_PORT, UDP_PORT, VIP, VIP6, backend_address, backend_address6,
     },
+    topology::L2Topology,
     traffic::{Tally, tcp_connections, udp_exchanges},
 };
 use lb_userspace::config::Config;
