@@ -202,7 +202,7 @@ pub struct Swap {
     pub members: usize,
     pub all_down: bool,
     /// Time the Maglev build took.
-    pub build: std::time::Duration,
+    pub build: Duration,
 }
 
 impl PartialEq for Swap {
@@ -734,7 +734,7 @@ mod tests {
             name: name.into(),
             members,
             all_down,
-            build: std::time::Duration::ZERO,
+            build: Duration::ZERO,
         }
     }
 

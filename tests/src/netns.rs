@@ -186,10 +186,10 @@ fn sweep_leftovers() {
 
 /// Makes `command`'s process get SIGKILL when this process dies, so a test
 /// killed with SIGKILL leaves no lb or Prometheus running.
-pub fn die_with_parent(command: &mut std::process::Command) {
+pub fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id() as i32;
     // SAFETY: only async-signal-safe calls between fork and exec. The setting
     // survives exec.
-    let parent = std::process::id() as i32;
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(command, move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

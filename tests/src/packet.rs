@@ -278,7 +278,7 @@ pub fn tcp_syn_with_ip_options(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: 
     ip.options = [1u8, 1, 1, 1, 0, 0, 0, 0][..].try_into().expect("options");
     let mut p = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
-        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
         .tcp(sport, dport, 1000, 64240)
         .syn()
         .write(&mut p, &[])

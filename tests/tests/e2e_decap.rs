@@ -270,7 +270,7 @@ fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32) {
     // bpf_attr for BPF_MAP_CREATE: type, key size, value size, max entries.
     let mut attr = [0u32; 32];
     attr[..4].copy_from_slice(&[BPF_MAP_TYPE_HASH, key_size, value_size, 16]);
-    let size = std::mem::size_of_val(&attr);
+    let size = size_of_val(&attr);
     // SAFETY: a zeroed bpf_attr of the size passed.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), size) };
     assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());

@@ -152,13 +152,13 @@ impl MarkedEventReceiver for Meter {
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 self.depth = self.depth.saturating_sub(1);
-                if let Some(o) = self.open.pop() {
-                    if o.anchor != 0 {
-                        self.anchors.insert(
-                            o.anchor,
-                            (self.nodes - o.nodes_before, o.deepest - o.depth_before),
-                        );
-                    }
+                if let Some(o) = self.open.pop()
+                    && o.anchor != 0
+                {
+                    self.anchors.insert(
+                        o.anchor,
+                        (self.nodes - o.nodes_before, o.deepest - o.depth_before),
+                    );
                 }
             }
             _ => {}

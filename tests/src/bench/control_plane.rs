@@ -70,7 +70,7 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
          protocol: tcp\n    forwarding: l2\n    backends:\n{backends}"
     );
     let config = Config::parse(&text, std::path::Path::new("bench.yaml"))?;
-    let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+    let mut ebpf = loader::load(config.sizes(), None)?;
     let mut r = Reconciler::new(
         AyaDataplane::new(&mut ebpf)?,
         config.table_size,

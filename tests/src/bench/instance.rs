@@ -80,7 +80,7 @@ pub(super) struct LbInstance {
 impl LbInstance {
     pub(super) fn new(max_flows: u32) -> anyhow::Result<LbInstance> {
         let config = Config::parse(&lb_config(max_flows), std::path::Path::new("bench.yaml"))?;
-        let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+        let mut ebpf = loader::load(config.sizes(), None)?;
         let mut reconciler = Reconciler::new(
             AyaDataplane::new(&mut ebpf)?,
             config.table_size,

@@ -110,7 +110,7 @@ fn load_lb(gen_mac: [u8; 6], lb_mac: [u8; 6]) -> anyhow::Result<(Ebpf, Reconcile
     );
     let config = Config::parse(&text, std::path::Path::new("bench.yaml"))?;
     let ifindex = nix::net::if_::if_nametoindex("eth0")?;
-    let mut ebpf = loader::load(lb_userspace::run::sizes(&config), None)?;
+    let mut ebpf = loader::load(config.sizes(), None)?;
     let mut reconciler = Reconciler::new(
         AyaDataplane::new(&mut ebpf)?,
         config.table_size,
