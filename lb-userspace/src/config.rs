@@ -343,6 +343,8 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
+    /// The VIPS map key of `address:port/protocol`, computed at validation.
+    pub key: lb_common::VipKey,
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
@@ -626,6 +628,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         if let (Some(address), Some(port), Some(health_check)) = (address, port, health_check) {
             vips.push(Vip {
                 name: v.name,
+                key: lb_common::VipKey::new(address, port, v.protocol.number()),
                 address,
                 port,
                 protocol: v.protocol,

@@ -13,13 +13,12 @@ use std::{
 
 use lb_common::Stat;
 use lb_tests::{
-    packet::{Harness, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp},
+    packet::{
+        Harness, apply_settled, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp,
+    },
     root::root_or_skip,
 };
-use lb_userspace::{
-    config::Config,
-    reconcile::{Health, vip_key},
-};
+use lb_userspace::{config::Config, model::Health, status};
 
 const XDP_TX: u32 = 3;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
@@ -96,7 +95,7 @@ fn a_syn_is_placed_and_the_rest_of_its_flow_hits() {
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
         (50, 150)
     );
-    let traffic = h.reconciler.traffic(&h.counters().unwrap());
+    let traffic = status::traffic(h.reconciler.applied(), &h.counters().unwrap());
     let web = traffic.iter().find(|v| v.name == "web").unwrap();
     let new_flows: u64 = web.backends.iter().map(|(_, t)| t.new_flows).sum();
     let packets: u64 = web.backends.iter().map(|(_, t)| t.packets).sum();
@@ -175,7 +174,7 @@ fn flows_of_a_down_backend_are_re_placed_and_the_others_stay() {
         return;
     };
     let flows = open_flows(&mut h, 33000, 300);
-    let key = vip_key(&h.config.vips[0]);
+    let key = h.config.vips[0].key;
     h.apply(&Health::from([((key, ip(12)), false)])).unwrap();
     let after = continue_flows(&mut h, &flows);
     let mut moved = 0;
@@ -240,8 +239,8 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
         return;
     };
     let flows = open_flows(&mut h, 36000, 300);
-    let web = vip_key(&h.config.vips[0]);
-    let old_id = h.reconciler.backend_id_of(&web, ip(13)).unwrap();
+    let web = h.config.vips[0].key;
+    let old_id = h.reconciler.applied().backend_id(&web, ip(13)).unwrap();
     // .13 leaves; .14 arrives and takes the lowest free id, which was .13's.
     h.reconfigure(&config(&[(11, "active"), (12, "active")], 65537))
         .unwrap();
@@ -253,7 +252,7 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
     ))
     .unwrap();
     assert_eq!(
-        h.reconciler.backend_id_of(&web, ip(14)),
+        h.reconciler.applied().backend_id(&web, ip(14)),
         Some(old_id),
         "the id was reused"
     );
@@ -328,7 +327,7 @@ fn ipv6_flows_are_re_placed_off_a_down_backend_and_udp_flows_expire() {
     let flows: BTreeMap<u16, IpAddr> = (33000..33300)
         .map(|sport| (sport, send(&mut h, tcp_syn(client, sport, vip, 80))))
         .collect();
-    let key = vip_key(&h.config.vips[0]);
+    let key = h.config.vips[0].key;
     h.apply(&Health::from([((key, b6(0x12)), false)])).unwrap();
     let mut moved = 0;
     for (&sport, &before) in &flows {
@@ -379,7 +378,7 @@ fn table_swaps_are_atomic_under_traffic() {
         config: three,
         neighbours,
     } = h;
-    let key = vip_key(&three.vips[0]);
+    let key = three.vips[0].key;
     // State i % 3 is active once `applied` reaches i: all three backends,
     // then .13 down, then .12 down.
     let health = [
@@ -401,9 +400,7 @@ fn table_swaps_are_atomic_under_traffic() {
         let (applied, config) = (applied.clone(), three.clone());
         std::thread::spawn(move || {
             for i in 1..=SWAPS {
-                reconciler
-                    .apply(&config, &health[i % 3], &neighbours)
-                    .unwrap();
+                apply_settled(&mut reconciler, &config, &health[i % 3], &neighbours).unwrap();
                 applied.store(i, Ordering::SeqCst);
             }
         })

@@ -14,7 +14,7 @@ use lb_tests::{
     },
     root::root_or_skip,
 };
-use lb_userspace::reconcile::Neighbours;
+use lb_userspace::model::Neighbours;
 
 const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;

@@ -14,6 +14,7 @@ use lb_tests::{
     },
     root::root_or_skip,
 };
+use lb_userspace::status;
 
 // enum xdp_action in include/uapi/linux/bpf.h.
 const XDP_DROP: u32 = 1;
@@ -150,7 +151,7 @@ fn syns_go_where_the_table_says(h: &mut Harness, name: &str, client: IpAddr) {
         "all three backends get flows: {per_backend:?}"
     );
     assert_stats(h, &[(Stat::ActionTx, n), (Stat::FlowMissSyn, n)]);
-    let traffic = h.reconciler.traffic(&h.counters().unwrap());
+    let traffic = status::traffic(h.reconciler.applied(), &h.counters().unwrap());
     let web_traffic = traffic.iter().find(|v| v.name == name).unwrap();
     assert_eq!(
         (web_traffic.total.packets, web_traffic.total.bytes),
