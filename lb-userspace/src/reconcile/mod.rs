@@ -75,13 +75,19 @@ impl PartialEq for Swap {
     }
 }
 
+/// The single writer of the maps, over dataplane `D`.
 pub struct Reconciler<D> {
     dp: D,
+    /// Slots of one table half, fixed by the loaded maps.
     table_size: u32,
     ids: Ids,
+    /// The global settings last written.
     global: Option<GlobalConfig>,
+    /// The VIP filter last written.
     vip_filter: Option<VipFilter>,
+    /// The VIP and backend entries last written.
     applied: Applied,
+    /// How long a retired table half stays untouched.
     swap_grace: Duration,
 }
 
@@ -215,10 +221,7 @@ impl<D: Dataplane> Reconciler<D> {
         let wanted: BTreeSet<VipKey> = config.vips.iter().map(|v| v.key).collect();
         self.widen_vip_filter(&wanted)?;
         self.remove_gone_vips(&wanted)?;
-        let mut swaps = Vec::new();
-        for vip in &config.vips {
-            swaps.extend(self.apply_vip(vip, health, neighbours)?);
-        }
+        let swaps = self.apply_vips(config, health, neighbours)?;
         self.release_removed_backends(config)?;
         self.narrow_vip_filter(&wanted)?;
         Ok(swaps)
@@ -319,6 +322,20 @@ impl<D: Dataplane> Reconciler<D> {
             self.ids.backends.release(id, Instant::now());
         }
         Ok(())
+    }
+
+    /// Each VIP of `config` in turn; returns the swaps done.
+    fn apply_vips(
+        &mut self,
+        config: &Config,
+        health: &Health,
+        neighbours: &Neighbours,
+    ) -> Result<Vec<Swap>, ReconcileError> {
+        let mut swaps = Vec::new();
+        for vip in &config.vips {
+            swaps.extend(self.apply_vip(vip, health, neighbours)?);
+        }
+        Ok(swaps)
     }
 
     /// One VIP: its id, its backend entries, then (if its members or the
