@@ -102,6 +102,19 @@ pub struct VipKey {
     pub _pad: u8,
 }
 
+impl VipKey {
+    /// The key of the VIP `addr:port` (port in host byte order) for IP
+    /// protocol `proto`.
+    pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+        Self {
+            addr: addr_key(addr),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of the `VIPS` hash map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,10 +178,13 @@ pub const BACKEND_F_RESOLVED: u32 = 1;
 /// draining) and healthy, or every backend is down and the VIP fails open.
 /// Without it the flow table's entry is ignored and the flow re-placed.
 pub const BACKEND_F_KEEP_FLOWS: u32 = 2;
+/// The backend was healthy when its entry was last written. Control-plane
+/// bookkeeping only, so a restarted `lb` adopts the health it had; the
+/// program does not read it.
+pub const BACKEND_F_HEALTHY: u32 = 4;
 /// `ipip`: answer a packet that would exceed the egress MTU once encapsulated
 /// (IPv4 with Don't Fragment: ICMP "fragmentation needed"; IPv6: ICMPv6
 /// "packet too big") instead of dropping it (the VIP's `icmp_too_big`).
-/// (Bit 4 is the control plane's.)
 pub const BACKEND_F_ICMP_TOO_BIG: u32 = 8;
 
 /// Key of the `FLOWS` LRU hash: the IPv4 5-tuple as it sits in the packet

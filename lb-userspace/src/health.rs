@@ -187,7 +187,7 @@ impl Supervisor {
         let mut wanted: BTreeMap<(VipKey, IpAddr), (HealthCheck, Duration, Labels)> =
             BTreeMap::new();
         for vip in &config.vips {
-            let key = crate::reconcile::vip_key(vip);
+            let key = vip.key;
             let n = vip.backends.len().max(1) as u32;
             for (i, b) in vip.backends.iter().enumerate() {
                 let offset = vip.health_check.interval * i as u32 / n;

@@ -9,6 +9,7 @@ pub mod health;
 pub mod loader;
 pub mod maglev;
 pub mod metrics;
+pub mod model;
 pub mod neighbour;
 pub mod reconcile;
 pub mod run;

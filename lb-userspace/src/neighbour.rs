@@ -23,7 +23,7 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use crate::reconcile::{Neighbour, Neighbours};
+use crate::model::{Neighbour, Neighbours};
 
 /// The RFC 863 discard port: a datagram there is harmless (at most an ICMP
 /// port-unreachable comes back) and is enough to trigger ARP or NDP.

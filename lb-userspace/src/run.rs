@@ -30,8 +30,9 @@ use crate::{
     health::{Supervisor, Transition},
     loader::{self, Attached},
     metrics::Metrics,
+    model::{Health, Neighbours},
     neighbour::{NeighbourTable, Wanted},
-    reconcile::{Health, Neighbours, Reconciler, Swap, backend_keys, vip_key},
+    reconcile::{Reconciler, Swap, backend_keys},
     status::{self, Status},
 };
 
@@ -154,14 +155,15 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     // Set when a shutdown starts: the loop keeps serving until then.
     let mut leave_at: Option<tokio::time::Instant> = None;
     loop {
-        let shutdown = async {
-            match leave_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        // A VIP whose rebuild came within its retired half's grace is
+        // applied again once the grace is over.
+        let deferred = d
+            .reconciler
+            .next_deadline()
+            .map(tokio::time::Instant::from_std);
         tokio::select! {
-            _ = shutdown => break,
+            _ = sleep_until(leave_at) => break,
+            _ = sleep_until(deferred) => d.apply_deferred(),
             _ = sigint.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
             _ = sigterm.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
             _ = sighup.recv() => d.reload(&options.config_path, "SIGHUP"),
@@ -235,7 +237,7 @@ impl Daemon {
     /// Counts table swaps in the metrics.
     fn record(&self, swaps: &[Swap]) {
         for s in swaps {
-            let Some(v) = self.config.vips.iter().find(|v| vip_key(v) == s.vip) else {
+            let Some(v) = self.config.vips.iter().find(|v| v.key == s.vip) else {
                 continue;
             };
             self.metrics
@@ -268,6 +270,23 @@ impl Daemon {
                 self.record(&swaps);
             }
             Err(e) => error!(error = %e, "applying a health change failed"),
+        }
+    }
+
+    /// Applies again once the grace of a deferred VIP's retired table half
+    /// is over.
+    fn apply_deferred(&mut self) {
+        match self
+            .reconciler
+            .apply(&self.config, &self.health, &self.neighbours)
+        {
+            Ok(swaps) => {
+                for s in &swaps {
+                    info!(vip = %s.name, members = s.members, all_down = s.all_down, "deferred table swap done");
+                }
+                self.record(&swaps);
+            }
+            Err(e) => error!(error = %e, "applying a deferred table swap failed"),
         }
     }
 
@@ -304,7 +323,7 @@ impl Daemon {
                     .config
                     .vips
                     .iter()
-                    .filter(|v| !new.vips.iter().any(|n| vip_key(n) == vip_key(v)));
+                    .filter(|v| !new.vips.iter().any(|n| n.key == v.key));
                 for v in gone {
                     self.metrics
                         .forget_vip(&v.endpoint().to_string(), v.protocol.as_str());
@@ -331,15 +350,13 @@ impl Daemon {
                 return None;
             }
         };
-        let r = &self.reconciler;
         let s = status::build(&status::Inputs {
             config: &self.config,
             health: &self.health,
             counters: &counters,
+            applied: self.reconciler.applied(),
             attached: self.attached,
             ready: self.ready.load(Ordering::SeqCst),
-            traffic: &|k| r.vip_traffic(&counters, k),
-            shares: &|k| r.shares(k),
             previous_new_flows: &self.scraped_new_flows,
         });
         if scrape {
@@ -368,7 +385,7 @@ impl Daemon {
     fn log_counters(&self) {
         match self.reconciler.dataplane().counters() {
             Ok(c) => {
-                for v in self.reconciler.traffic(&c) {
+                for v in status::traffic(self.reconciler.applied(), &c) {
                     let backends: Vec<String> = v
                         .backends
                         .iter()
@@ -380,6 +397,14 @@ impl Daemon {
             }
             Err(e) => warn!(error = %e, "reading counters failed"),
         }
+    }
+}
+
+/// Sleeps until `at`; forever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

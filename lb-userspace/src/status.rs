@@ -6,13 +6,14 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{Stat, VipKey};
+use lb_common::{Stat, Traffic, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{BackendState, Config, Forwarding, OnAllDown, Protocol, XdpMode},
     dataplane::Counters,
-    reconcile::{Health, plan_vip, vip_key},
+    model::{Health, is_up},
+    reconcile::{Applied, AppliedVip, plan_vip},
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,18 +62,17 @@ pub struct BackendStatus {
 }
 
 /// A VIP's counters and its backends', by address.
-pub type VipCounters = (lb_common::Traffic, BTreeMap<IpAddr, lb_common::Traffic>);
+pub type VipCounters = (Traffic, BTreeMap<IpAddr, Traffic>);
 
-/// The inputs the daemon holds; `traffic` gives a VIP's counters and its
-/// backends' by address, `shares` each backend's table share.
+/// The inputs the daemon holds; `applied` is what the reconciler wrote
+/// (VIP and backend ids, table shares).
 pub struct Inputs<'a> {
     pub config: &'a Config,
     pub health: &'a Health,
     pub counters: &'a Counters,
+    pub applied: &'a Applied,
     pub attached: bool,
     pub ready: bool,
-    pub traffic: &'a dyn Fn(&VipKey) -> VipCounters,
-    pub shares: &'a dyn Fn(&VipKey) -> BTreeMap<IpAddr, f64>,
     /// New-flow counts at the previous scrape, for the skew window.
     pub previous_new_flows: &'a BTreeMap<(VipKey, IpAddr), u64>,
 }
@@ -87,11 +87,11 @@ pub fn build(i: &Inputs) -> Status {
         .vips
         .iter()
         .map(|v| {
-            let key = vip_key(v);
-            let up = |a: IpAddr| i.health.get(&(key, a)).copied().unwrap_or(true);
+            let key = v.key;
+            let up = |a: IpAddr| is_up(i.health, key, a);
             let plan = plan_vip(v, up);
-            let (total, per_backend) = (i.traffic)(&key);
-            let shares = (i.shares)(&key);
+            let (total, per_backend) = vip_traffic(i.applied, i.counters, &key);
+            let shares = i.applied.vip(&key).map(AppliedVip::shares);
             let backends: Vec<BackendStatus> = v
                 .backends
                 .iter()
@@ -102,7 +102,10 @@ pub fn build(i: &Inputs) -> Status {
                         state: b.state,
                         up: up(b.address),
                         weight: b.weight,
-                        table_share: shares.get(&b.address).copied().unwrap_or(0.0),
+                        table_share: shares
+                            .and_then(|s| s.get(&b.address))
+                            .copied()
+                            .unwrap_or(0.0),
                         packets: t.packets,
                         bytes: t.bytes,
                         new_flows: t.new_flows,
@@ -149,6 +152,45 @@ pub fn build(i: &Inputs) -> Status {
         counters,
         vips,
     }
+}
+
+/// A VIP's and its backends' counters, by address.
+pub fn vip_traffic(applied: &Applied, counters: &Counters, key: &VipKey) -> VipCounters {
+    let total = applied
+        .vip(key)
+        .and_then(|a| counters.vips.get(a.id() as usize).copied())
+        .unwrap_or_default();
+    let backends = applied
+        .backend_ids(key)
+        .map(|(addr, id)| {
+            let t = counters.backends.get(id as usize).copied();
+            (addr, t.unwrap_or_default())
+        })
+        .collect();
+    (total, backends)
+}
+
+/// Per-VIP and per-backend traffic, labelled for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipTraffic {
+    pub name: String,
+    pub total: Traffic,
+    pub backends: Vec<(IpAddr, Traffic)>,
+}
+
+/// Labels raw counters with VIP names and backend addresses.
+pub fn traffic(applied: &Applied, counters: &Counters) -> Vec<VipTraffic> {
+    applied
+        .vips()
+        .map(|(key, a)| {
+            let (total, backends) = vip_traffic(applied, counters, key);
+            VipTraffic {
+                name: a.name().to_string(),
+                total,
+                backends: backends.into_iter().collect(),
+            }
+        })
+        .collect()
 }
 
 /// The table `lb status` prints, in the manner of `ipvsadm -Ln --stats`.
@@ -242,14 +284,63 @@ pub fn new_flows(status: &Status, config: &Config) -> BTreeMap<(VipKey, IpAddr),
         .flat_map(|(v, s)| {
             s.backends
                 .iter()
-                .map(move |b| ((vip_key(v), b.address), b.new_flows))
+                .map(move |b| ((v.key, b.address), b.new_flows))
         })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::{
+        dataplane::{Dataplane as _, fake::FakeDataplane},
+        model::Neighbours,
+        reconcile::Reconciler,
+    };
+
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, i])
+    }
+
+    #[test]
+    fn traffic_is_labelled_by_vip_and_backend() {
+        let c = Config::parse(
+            "interface: eth0\nmaglev: { table_size: 251 }\nvips:\n\
+             - name: web\n  address: 10.0.0.100\n  port: 80\n  protocol: tcp\n  forwarding: l2\n  backends:\n\
+             \x20   - { address: 10.0.0.11, weight: 1 }\n\
+             \x20   - { address: 10.0.0.12, weight: 1 }\n",
+            Path::new("t.yaml"),
+        )
+        .expect("valid");
+        let mut r = Reconciler::new(FakeDataplane::default(), 251, 4);
+        r.apply(&c, &Health::new(), &Neighbours::new()).unwrap();
+        let mut counters = r.dataplane().counters().unwrap();
+        let web = r.dataplane().vips[&c.vips[0].key].id as usize;
+        counters.vips[web] = Traffic {
+            packets: 3,
+            bytes: 180,
+            new_flows: 1,
+        };
+        let id12 = r.applied().backend_id(&c.vips[0].key, ip(12)).unwrap() as usize;
+        counters.backends[id12] = Traffic {
+            packets: 2,
+            bytes: 120,
+            new_flows: 1,
+        };
+        let t = traffic(r.applied(), &counters);
+        let web = t.iter().find(|v| v.name == "web").unwrap();
+        assert_eq!(web.total.packets, 3);
+        assert!(web.backends.contains(&(
+            ip(12),
+            Traffic {
+                packets: 2,
+                bytes: 120,
+                new_flows: 1
+            }
+        )));
+    }
 
     #[test]
     fn skew_is_the_busiest_backends_share_over_its_expected_share() {

@@ -18,7 +18,8 @@ use lb_userspace::{
     config::{Config, Vip},
     dataplane::{Counters, Dataplane as _, aya::AyaDataplane},
     loader,
-    reconcile::{self, Health, Neighbour, Neighbours, Reconciler},
+    model::{Health, Neighbour, Neighbours},
+    reconcile::{self, Reconciler, Swap},
 };
 
 use crate::xdp::XdpAction;
@@ -131,8 +132,7 @@ impl Harness {
 
     /// Applies the harness's config with `health`.
     pub fn apply(&mut self, health: &Health) -> anyhow::Result<()> {
-        self.reconciler
-            .apply(&self.config, health, &self.neighbours)?;
+        apply_settled(&mut self.reconciler, &self.config, health, &self.neighbours)?;
         Ok(())
     }
 
@@ -166,6 +166,24 @@ impl Harness {
     pub fn expected_backend(&self, vip: &Vip, src: impl Into<IpAddr>, sport: u16) -> IpAddr {
         expected_backend(&self.config, vip, src, sport)
     }
+}
+
+/// Applies, then again at each deadline the reconciler gives until no VIP's
+/// rebuild waits for the grace of its retired table half, so a test sees the
+/// state it asked for. (The daemon does not wait: its loop re-applies at the
+/// deadline.)
+pub fn apply_settled(
+    r: &mut Reconciler<AyaDataplane>,
+    config: &Config,
+    health: &Health,
+    neighbours: &Neighbours,
+) -> anyhow::Result<Vec<Swap>> {
+    let mut swaps = r.apply(config, health, neighbours)?;
+    while let Some(at) = r.next_deadline() {
+        std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+        swaps.extend(r.apply(config, health, neighbours)?);
+    }
+    Ok(swaps)
 }
 
 /// Runs one packet once through the load balancer program in `ebpf`.

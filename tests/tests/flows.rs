@@ -19,15 +19,13 @@ use lb_tests::{
     config_yaml::{ConfigYaml, VipYaml, dns, web},
     fixture::{Case, check},
     packet::{
-        Harness, TEST_RUN_IFINDEX, expected_backend, neighbours, run_packet, tcp_ack, tcp_syn, udp,
+        Harness, TEST_RUN_IFINDEX, apply_settled, expected_backend, neighbours, run_packet,
+        tcp_ack, tcp_syn, udp,
     },
     root::root_or_skip,
     xdp::XdpAction,
 };
-use lb_userspace::{
-    config::Config,
-    reconcile::{Health, vip_key},
-};
+use lb_userspace::{config::Config, model::Health, status};
 
 /// The i-th backend.
 fn backend(i: usize) -> IpAddr {
@@ -100,7 +98,7 @@ fn a_syn_is_placed_and_the_rest_of_its_flow_hits() {
         (stat(&h, Stat::FlowMissSyn), stat(&h, Stat::FlowHit)),
         (50, 150)
     );
-    let traffic = h.reconciler.traffic(&h.counters().unwrap());
+    let traffic = status::traffic(h.reconciler.applied(), &h.counters().unwrap());
     let web = traffic.iter().find(|v| v.name == "web").unwrap();
     let new_flows: u64 = web.backends.iter().map(|(_, t)| t.new_flows).sum();
     let packets: u64 = web.backends.iter().map(|(_, t)| t.packets).sum();
@@ -177,7 +175,7 @@ fn flows_of_a_down_backend_are_re_placed_and_the_others_stay() {
         return;
     };
     let flows = open_flows(&mut h, 33000, 300);
-    let key = vip_key(&h.config.vips[0]);
+    let key = h.config.vips[0].key;
     h.apply(&Health::from([((key, backend(1)), false)]))
         .unwrap();
     let after = continue_flows(&mut h, &flows);
@@ -243,8 +241,8 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
         return;
     };
     let flows = open_flows(&mut h, 36000, 300);
-    let web = vip_key(&h.config.vips[0]);
-    let old_id = h.reconciler.backend_id_of(&web, backend(2)).unwrap();
+    let web = h.config.vips[0].key;
+    let old_id = h.reconciler.applied().backend_id(&web, backend(2)).unwrap();
     // .13 leaves; .14 arrives and takes the lowest free id, which was .13's.
     h.reconfigure(&config(&[(0, "active"), (1, "active")], 65537))
         .unwrap();
@@ -256,7 +254,7 @@ fn flows_of_a_removed_backend_do_not_follow_its_reused_id() {
     ))
     .unwrap();
     assert_eq!(
-        h.reconciler.backend_id_of(&web, backend(3)),
+        h.reconciler.applied().backend_id(&web, backend(3)),
         Some(old_id),
         "the id was reused"
     );
@@ -321,7 +319,7 @@ fn ipv6_flows_are_re_placed_off_a_down_backend_and_udp_flows_expire() {
     let flows: BTreeMap<u16, IpAddr> = (33000..33300)
         .map(|sport| (sport, send(&mut h, tcp_syn(client, sport, vip, TCP_PORT))))
         .collect();
-    let key = vip_key(&h.config.vips[0]);
+    let key = h.config.vips[0].key;
     h.apply(&Health::from([((key, b6(1)), false)])).unwrap();
     let mut moved = 0;
     for (&sport, &before) in &flows {
@@ -372,7 +370,7 @@ fn table_swaps_are_atomic_under_traffic() {
         config: three,
         neighbours,
     } = h;
-    let key = vip_key(&three.vips[0]);
+    let key = three.vips[0].key;
     // State i % 3 is active once `applied` reaches i: all three backends,
     // then .13 down, then .12 down.
     let health = [
@@ -394,9 +392,7 @@ fn table_swaps_are_atomic_under_traffic() {
         let (applied, config) = (applied.clone(), three.clone());
         std::thread::spawn(move || {
             for i in 1..=SWAPS {
-                reconciler
-                    .apply(&config, &health[i % 3], &neighbours)
-                    .unwrap();
+                apply_settled(&mut reconciler, &config, &health[i % 3], &neighbours).unwrap();
                 applied.store(i, Ordering::SeqCst);
             }
         })

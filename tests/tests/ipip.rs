@@ -17,7 +17,7 @@ use lb_tests::{
     root::root_or_skip,
     xdp::XdpAction,
 };
-use lb_userspace::reconcile::Neighbours;
+use lb_userspace::model::Neighbours;
 
 /// The source address of the route to the backends: another address of the
 /// load balancer's than `LB`, so a test tells which of the two was used.

@@ -18,7 +18,7 @@ use lb_tests::{
     root::root_or_skip,
     xdp::XdpAction,
 };
-use lb_userspace::{config::Vip, reconcile::Neighbours};
+use lb_userspace::{config::Vip, model::Neighbours};
 
 /// The source address of the route to the backends: another address of the
 /// load balancer's than `LB6`, so a test tells which of the two was used.

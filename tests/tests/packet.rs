@@ -20,6 +20,7 @@ use lb_tests::{
     root::root_or_skip,
     xdp::XdpAction,
 };
+use lb_userspace::status;
 
 /// The three IPv4 backends.
 fn b(i: usize) -> IpAddr {
@@ -107,7 +108,7 @@ fn syns_go_where_the_table_says(h: &mut Harness, name: &str, client: IpAddr) {
         "all three backends get flows: {per_backend:?}"
     );
     assert_stats(h, &[(Stat::ActionTx, n), (Stat::FlowMissSyn, n)]);
-    let traffic = h.reconciler.traffic(&h.counters().unwrap());
+    let traffic = status::traffic(h.reconciler.applied(), &h.counters().unwrap());
     let web_traffic = traffic.iter().find(|v| v.name == name).unwrap();
     assert_eq!(
         (web_traffic.total.packets, web_traffic.total.bytes),

@@ -152,6 +152,8 @@ pub struct HealthCheck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub name: String,
+    /// The VIPS map key of `address:port/protocol`, computed at validation.
+    pub key: lb_common::VipKey,
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,

@@ -12,7 +12,8 @@ use lb_userspace::{
     dataplane::aya::AyaDataplane,
     loader,
     maglev::{self, Weighted},
-    reconcile::{Health, Neighbours, Reconciler, vip_key},
+    model::{Health, Neighbours},
+    reconcile::Reconciler,
 };
 use serde::Serialize;
 
@@ -78,7 +79,7 @@ pub fn transition_to_swap(s: &Settings) -> anyhow::Result<Stats> {
     );
     let neighbours = Neighbours::new();
     r.apply(&config, &Health::new(), &neighbours)?;
-    let key = vip_key(&config.vips[0]);
+    let key = config.vips[0].key;
     let down = Health::from([((key, Ipv4Addr::from(0x0a01_0000u32 + 7).into()), false)]);
     let mut ms = Vec::new();
     for i in 0..(4 * s.maglev_runs + 1) {

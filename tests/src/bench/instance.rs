@@ -12,7 +12,8 @@ use lb_userspace::{
     config::Config,
     dataplane::aya::AyaDataplane,
     loader::{self, BASELINE_OBJECT},
-    reconcile::{Health, Reconciler},
+    model::Health,
+    reconcile::Reconciler,
 };
 
 use super::cpu::{online_cpus, pin_to_cpu};

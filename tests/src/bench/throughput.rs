@@ -16,7 +16,8 @@ use lb_userspace::{
     config::Config,
     dataplane::aya::AyaDataplane,
     loader::{self, BASELINE_OBJECT},
-    reconcile::{Health, Neighbour, Neighbours, Reconciler},
+    model::{Health, Neighbour, Neighbours},
+    reconcile::Reconciler,
 };
 use serde::Serialize;
 

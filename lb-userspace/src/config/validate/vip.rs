@@ -1,6 +1,7 @@
 //! Each VIP: its name, address and port (unique across VIPs), its health
 //! check and backends, and what `ipip` forwarding needs of its families.
 
+use lb_common::VipKey;
 use std::{
     collections::HashSet,
     net::{IpAddr, SocketAddr},
@@ -86,10 +87,12 @@ fn validate_one(p: &mut Problems, seen: &mut Seen, at: &str, v: RawVip) -> Optio
             "only applies to forwarding: ipip",
         );
     }
+    let (address, port) = (address?, port?);
     Some(Vip {
         name: v.name,
-        address: address?,
-        port: port?,
+        key: VipKey::new(address, port, v.protocol.number()),
+        address,
+        port,
         protocol: v.protocol,
         forwarding: v.forwarding,
         encap_source,
