@@ -46,12 +46,7 @@ impl IdPool {
     /// The lowest id free at `now`, without claiming it: an id is claimed
     /// only once the maps name it, so a failed write leaves it free.
     pub fn lowest_free(&mut self, now: Instant) -> Result<u32, ReconcileError> {
-        while let Some(&(id, at)) = self.quarantined.front()
-            && now.saturating_duration_since(at) >= self.quarantine
-        {
-            self.quarantined.pop_front();
-            self.free.insert(id);
-        }
+        self.expire(now);
         match self.free.first() {
             Some(&id) => Ok(id),
             None if self.next_unused < self.capacity => Ok(self.next_unused),
@@ -60,6 +55,25 @@ impl IdPool {
                 capacity: self.capacity,
             }),
         }
+    }
+
+    /// How many ids are free at `now`, and when the quarantined ones will
+    /// all be free too (`None` when none is in quarantine).
+    pub fn room(&mut self, now: Instant) -> Room {
+        self.expire(now);
+        Room {
+            free: self.free.len() as u32 + (self.capacity - self.next_unused),
+            quarantined: self.quarantined.len() as u32,
+            all_free_at: self.quarantined.back().map(|&(_, at)| at + self.quarantine),
+        }
+    }
+
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// Marks `id` in use: one [`lowest_free`](Self::lowest_free) gave, or
@@ -73,10 +87,28 @@ impl IdPool {
         }
     }
 
+    /// Frees the ids whose quarantine is over at `now`.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(id, at)) = self.quarantined.front()
+            && now.saturating_duration_since(at) >= self.quarantine
+        {
+            self.quarantined.pop_front();
+            self.free.insert(id);
+        }
+    }
+
     /// Puts `id` in quarantine from `now` on.
     pub fn release(&mut self, id: u32, now: Instant) {
         self.quarantined.push_back((id, now));
     }
+}
+
+/// Free ids of one pool at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub free: u32,
+    pub quarantined: u32,
+    pub all_free_at: Option<Instant>,
 }
 
 /// Every id the reconciler hands out.
@@ -166,6 +198,28 @@ mod tests {
         assert_eq!(pool.lowest_free(later).unwrap(), 1);
         pool.claim(1);
         assert_eq!(pool.lowest_free(later).unwrap(), 3);
+    }
+
+    #[test]
+    fn room_counts_free_ids_and_says_when_the_quarantined_ones_are_free() {
+        let start = Instant::now();
+        let mut pool = IdPool::new("test", 4);
+        for id in 0..3 {
+            pool.claim(id);
+        }
+        pool.release(0, start);
+        pool.release(2, start + Duration::from_millis(10));
+        assert_eq!(
+            pool.room(start),
+            Room {
+                free: 1,
+                quarantined: 2,
+                all_free_at: Some(start + Duration::from_millis(10) + ID_QUARANTINE)
+            }
+        );
+        let later = start + ID_QUARANTINE + Duration::from_millis(10);
+        assert_eq!(pool.room(later).free, 3);
+        assert_eq!(pool.room(later).all_free_at, None);
     }
 
     #[test]

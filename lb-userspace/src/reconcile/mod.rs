@@ -50,10 +50,47 @@ pub enum ReconcileError {
     TableSizeChanged { loaded: u32, new: u32 },
     #[error("no free {what} id (capacity {capacity})")]
     Exhausted { what: &'static str, capacity: u32 },
+    /// Found before anything was written: the maps are as they were.
+    #[error("{}", no_room_message(.what, *.needed, *.free, *.quarantined, *.capacity))]
+    NoRoom {
+        what: &'static str,
+        needed: u32,
+        free: u32,
+        quarantined: u32,
+        capacity: u32,
+        /// When enough ids come out of quarantine for the change to fit;
+        /// `None` when it never fits.
+        retry_at: Option<Instant>,
+    },
     #[error(
         "the pinned maps were written with layout {found}, this build uses {wanted}; remove them with `lb stop` first"
     )]
     Layout { found: u32, wanted: u32 },
+}
+
+fn no_room_message(what: &str, needed: u32, free: u32, quarantined: u32, capacity: u32) -> String {
+    let mut m = format!(
+        "the change needs {needed} new {what} ids, {free} are free (capacity {capacity}); nothing was applied"
+    );
+    if quarantined > 0 {
+        m += &format!(
+            "; {quarantined} more are free again once packets can no longer hold them (within {} ms)",
+            ID_QUARANTINE.as_millis()
+        );
+    }
+    m
+}
+
+impl ReconcileError {
+    /// When the same change may succeed if tried again: `None` for a change
+    /// that can never apply (it is wrong, not unlucky).
+    pub fn retry_at(&self, now: Instant) -> Option<Instant> {
+        match self {
+            ReconcileError::NoRoom { retry_at, .. } => *retry_at,
+            ReconcileError::Dataplane(_) | ReconcileError::Exhausted { .. } => Some(now),
+            ReconcileError::TableSizeChanged { .. } | ReconcileError::Layout { .. } => None,
+        }
+    }
 }
 
 /// What a table swap did, for logs, metrics and latency measurements.
@@ -73,6 +110,15 @@ impl PartialEq for Swap {
         (self.vip, &self.name, self.members, self.all_down)
             == (other.vip, &other.name, other.members, other.all_down)
     }
+}
+
+/// A new VIP key taking over the id of a removed one.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    old: VipKey,
+    new: VipKey,
+    /// The same VIP (by name) at a new address, port or protocol.
+    same_vip: bool,
 }
 
 /// The single writer of the maps, over dataplane `D`.
@@ -217,9 +263,12 @@ impl<D: Dataplane> Reconciler<D> {
             a.deferred = false;
         }
         self.check_table_size(config)?;
-        self.write_global(config)?;
         let wanted: BTreeSet<VipKey> = config.vips.iter().map(|v| v.key).collect();
+        let moves = self.moved_vips(config, &wanted);
+        self.check_room(config, &moves)?;
+        self.write_global(config)?;
         self.widen_vip_filter(&wanted)?;
+        self.move_vips(&moves)?;
         self.remove_gone_vips(&wanted)?;
         let swaps = self.apply_vips(config, health, neighbours)?;
         self.release_removed_backends(config)?;
@@ -233,6 +282,123 @@ impl<D: Dataplane> Reconciler<D> {
                 loaded: self.table_size,
                 new: config.table_size,
             });
+        }
+        Ok(())
+    }
+
+    /// New VIPs that take over the id of a VIP this change removes, as
+    /// (old key, new key, same VIP). A VIP whose address, port or protocol
+    /// changed is found by its name and keeps its backends' ids too; other
+    /// new VIPs take the ids of other removed ones. Either way no id waits
+    /// for its quarantine: a table is written only into the half the old
+    /// entry did not point at, after its grace, so a packet still reading
+    /// the old VIP's table is undisturbed. A change at full capacity thus
+    /// still applies whole.
+    fn moved_vips(&self, config: &Config, wanted: &BTreeSet<VipKey>) -> Vec<Move> {
+        let mut gone: Vec<(&VipKey, &AppliedVip)> = self
+            .applied
+            .vips
+            .iter()
+            .filter(|(k, _)| !wanted.contains(k))
+            .collect();
+        let mut added: Vec<&Vip> = config
+            .vips
+            .iter()
+            .filter(|v| !self.applied.vips.contains_key(&v.key))
+            .collect();
+        let mut moves = Vec::new();
+        added.retain(|v| match gone.iter().position(|(_, a)| a.name == v.name) {
+            Some(i) => {
+                let (old, _) = gone.remove(i);
+                moves.push(Move {
+                    old: *old,
+                    new: v.key,
+                    same_vip: true,
+                });
+                false
+            }
+            None => true,
+        });
+        moves.extend(added.iter().zip(&gone).map(|(v, (old, _))| Move {
+            old: **old,
+            new: v.key,
+            same_vip: false,
+        }));
+        moves
+    }
+
+    /// Refuses, before anything is written, a change that needs more new
+    /// VIP or backend ids than are free now: it is applied whole or not at
+    /// all. A VIP's removed backends lend their ids to its added ones (see
+    /// [`backend_id`](Self::backend_id)); ids of other VIPs' removed
+    /// backends wait for their quarantine, so they do not count.
+    fn check_room(&mut self, config: &Config, moves: &[Move]) -> Result<(), ReconcileError> {
+        let new_vips = config
+            .vips
+            .iter()
+            .filter(|v| !self.applied.vips.contains_key(&v.key))
+            .count()
+            - moves.len();
+        let mut new_backends = 0;
+        for v in &config.vips {
+            let had = moves
+                .iter()
+                .find(|m| m.new == v.key && m.same_vip)
+                .map_or(v.key, |m| m.old);
+            let kept = v
+                .backends
+                .iter()
+                .filter(|b| self.applied.backend_id(&had, b.address).is_some())
+                .count();
+            let had_count = self.applied.backend_ids(&had).count();
+            new_backends += (v.backends.len() - kept).saturating_sub(had_count - kept);
+        }
+        let now = Instant::now();
+        for (pool, needed) in [
+            (&mut self.ids.vips, new_vips),
+            (&mut self.ids.backends, new_backends),
+        ] {
+            let needed = needed as u32;
+            let room = pool.room(now);
+            if needed > room.free {
+                return Err(ReconcileError::NoRoom {
+                    what: pool.what(),
+                    needed,
+                    free: room.free,
+                    quarantined: room.quarantined,
+                    capacity: pool.capacity(),
+                    retry_at: room
+                        .all_free_at
+                        .filter(|_| needed <= room.free + room.quarantined),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-keys each moved VIP: the old key leaves the VIP map and the new
+    /// VIP takes over its id; its table is rebuilt (into the other half,
+    /// after the grace), and only then is the new key written. A VIP that
+    /// only changed address keeps its backends' ids; another VIP's backends
+    /// are released, and its counters start from zero.
+    fn move_vips(&mut self, moves: &[Move]) -> Result<(), ReconcileError> {
+        for m in moves {
+            self.dp.remove_vip(m.old)?;
+            let Some(mut a) = self.applied.vips.remove(&m.old) else {
+                continue;
+            };
+            a.members = None;
+            if m.same_vip {
+                let ids: Vec<(IpAddr, u32)> = self.applied.backend_ids(&m.old).collect();
+                for (addr, id) in ids {
+                    self.applied.backend_ids.remove(&(m.old, addr));
+                    self.applied.backend_ids.insert((m.new, addr), id);
+                }
+            } else {
+                self.dp.zero_traffic(Some(a.id()), None)?;
+                self.release_backends(|(k, _)| *k == m.old)?;
+            }
+            self.applied.vips.insert(m.new, a);
         }
         Ok(())
     }
@@ -448,7 +614,7 @@ impl<D: Dataplane> Reconciler<D> {
     ) -> Result<BTreeMap<IpAddr, u32>, ReconcileError> {
         let mut ids = BTreeMap::new();
         for b in &vip.backends {
-            let (id, generation) = self.backend_id(vip.key, b.address)?;
+            let (id, generation) = self.backend_id(vip, b.address)?;
             let entry = backend_entry(
                 vip,
                 b.address,
@@ -469,19 +635,34 @@ impl<D: Dataplane> Reconciler<D> {
         Ok(ids)
     }
 
-    /// The id (and its generation) of `addr` in VIP `key`, handing out one
-    /// with a new generation and zeroed counters if it has none. A new id is
-    /// first written as a [placeholder](entries::placeholder).
-    fn backend_id(&mut self, key: VipKey, addr: IpAddr) -> Result<(u32, u32), ReconcileError> {
+    /// The id (and its generation) of `addr` in `vip`, handing out one with
+    /// a new generation and zeroed counters if it has none: the id of a
+    /// backend this change removes from the same VIP (a packet that still
+    /// reaches it through the VIP's old table lands on a backend of the same
+    /// VIP, as a re-placed flow would; the generation keeps old flows off
+    /// it), else the lowest free one. A new id is first written as a
+    /// [placeholder](entries::placeholder).
+    fn backend_id(&mut self, vip: &Vip, addr: IpAddr) -> Result<(u32, u32), ReconcileError> {
+        let key = vip.key;
         if let Some(id) = self.applied.backend_id(&key, addr) {
             let generation = self.applied.backends.get(&id).map_or(0, |e| e.generation);
             return Ok((id, generation));
         }
-        let id = self.ids.backends.lowest_free(Instant::now())?;
+        let removed = self
+            .applied
+            .backend_ids(&key)
+            .find(|(a, _)| !vip.backends.iter().any(|b| b.address == *a));
+        let id = match removed {
+            Some((_, id)) => id,
+            None => self.ids.backends.lowest_free(Instant::now())?,
+        };
         let generation = self.ids.generations.next();
         let placeholder = entries::placeholder(generation);
         self.dp.set_backend(id, placeholder)?;
         self.dp.zero_traffic(None, Some(id))?;
+        if let Some((old, _)) = removed {
+            self.applied.backend_ids.remove(&(key, old));
+        }
         self.ids.backends.claim(id);
         self.applied.backends.insert(id, placeholder);
         self.applied.backend_ids.insert((key, addr), id);
