@@ -53,6 +53,8 @@ struct RawAdmin {
     listen: String,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace: String,
+    #[serde(default = "default_admin_max_connections")]
+    max_connections: i64,
 }
 
 impl Default for RawAdmin {
@@ -60,8 +62,16 @@ impl Default for RawAdmin {
         Self {
             listen: default_admin_listen(),
             shutdown_grace: default_shutdown_grace(),
+            max_connections: default_admin_max_connections(),
         }
     }
+}
+
+/// Each admin connection holds a file descriptor; far below any sane limit.
+const ADMIN_MAX_CONNECTIONS_MAX: i64 = 4096;
+
+fn default_admin_max_connections() -> i64 {
+    64
 }
 
 /// Loopback by default: the admin listener is unauthenticated.
@@ -291,6 +301,7 @@ pub struct Fixed {
     pub max_flows_v6: u32,
     pub pin_path: PathBuf,
     pub admin_listen: SocketAddr,
+    pub admin_max_connections: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +321,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// After SIGINT/SIGTERM, how long `/ready` answers 503 before `lb` exits.
     pub shutdown_grace: Duration,
+    /// Connections the admin listener serves at once.
+    pub admin_max_connections: u32,
     pub vips: Vec<Vip>,
 }
 
@@ -324,6 +337,7 @@ impl Config {
             max_flows_v6: self.max_flows_v6,
             pin_path: self.pin_path.clone(),
             admin_listen: self.admin_listen,
+            admin_max_connections: self.admin_max_connections,
         }
     }
 }
@@ -535,6 +549,15 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     });
     let shutdown_grace = parse_duration(&mut p, "admin.shutdown_grace", &raw.admin.shutdown_grace);
+    if !(1..=ADMIN_MAX_CONNECTIONS_MAX).contains(&raw.admin.max_connections) {
+        p.add(
+            "admin.max_connections",
+            format!(
+                "{} is out of range 1..={ADMIN_MAX_CONNECTIONS_MAX}",
+                raw.admin.max_connections
+            ),
+        );
+    }
 
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
@@ -667,6 +690,10 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         pin_path,
         admin_listen,
         shutdown_grace,
+        admin_max_connections: raw
+            .admin
+            .max_connections
+            .clamp(1, ADMIN_MAX_CONNECTIONS_MAX) as u32,
         vips,
     })
 }
@@ -1253,6 +1280,7 @@ vips:
         assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/lb/eth0"));
         assert_eq!(c.admin_listen, "127.0.0.1:9742".parse().unwrap());
         assert_eq!(c.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.admin_max_connections, 64);
     }
 
     #[test]
@@ -1384,6 +1412,11 @@ vips:
             e.contains("admin.shutdown_grace") && e.contains("not a duration"),
             "{e}"
         );
+        let e = error_with(
+            "xdp_mode: native",
+            "xdp_mode: native\nadmin: { max_connections: 0 }",
+        );
+        assert!(e.contains("admin.max_connections"), "{e}");
         let e = error_with(
             "xdp_mode: native",
             "xdp_mode: native\npin_path: relative/dir",

@@ -14,6 +14,7 @@ pub struct Metrics {
     registry: Registry,
     pub health_checks: IntCounterVec,
     pub health_check_duration: HistogramVec,
+    pub health_probe_local_errors: IntCounterVec,
     pub maglev_rebuilds: IntCounterVec,
     pub maglev_build_duration: HistogramVec,
     pub reload_successful: IntGauge,
@@ -43,6 +44,14 @@ impl Metrics {
                 ]),
                 &["vip", "proto"],
             )),
+            health_probe_local_errors: must(IntCounterVec::new(
+                Opts::new(
+                    "lb_health_probe_local_errors_total",
+                    "Health probes this host could not run (out of file descriptors or memory); \
+                     retried, never counted against the backend.",
+                ),
+                &["vip", "proto", "backend"],
+            )),
             maglev_rebuilds: must(IntCounterVec::new(
                 Opts::new(
                     "lb_maglev_rebuilds_total",
@@ -70,9 +79,10 @@ impl Metrics {
             )),
             registry,
         };
-        let collectors: [Box<dyn Collector>; 6] = [
+        let collectors: [Box<dyn Collector>; 7] = [
             Box::new(m.health_checks.clone()),
             Box::new(m.health_check_duration.clone()),
+            Box::new(m.health_probe_local_errors.clone()),
             Box::new(m.maglev_rebuilds.clone()),
             Box::new(m.maglev_build_duration.clone()),
             Box::new(m.reload_successful.clone()),
