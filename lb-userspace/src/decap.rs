@@ -26,7 +26,10 @@ use netlink_packet_route::address::AddressAttribute;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::loader::{self, DECAP_OBJECT};
+use crate::{
+    loader::{self, DECAP_OBJECT},
+    map_layout,
+};
 
 /// How often the host's addresses are re-read.
 const ADDRESS_REFRESH: Duration = Duration::from_secs(2);
@@ -55,23 +58,10 @@ pub async fn run(o: Options, ifindex: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
     // Pinned maps are reused as they are (the kernel does not check them
     // against the program), so one left by another build must fit.
-    let layouts = [
-        (
-            map_names::DECAP_ADDRS,
-            size_of::<[u8; 16]>(),
-            size_of::<u8>(),
-        ),
-        (
-            map_names::DECAP_STATS,
-            size_of::<u32>(),
-            size_of::<DecapStats>(),
-        ),
-    ];
+    map_layout::check_pins(DECAP_OBJECT, &o.pin_path, &map_names::ALL, &[])?;
     let mut loader = EbpfLoader::new();
-    for (map, key, value) in layouts {
-        let pin = loader::map_pin(&o.pin_path, map);
-        loader::check_pinned_sizes(&pin, key, value, 0)?;
-        loader.map_pin_path(map, pin);
+    for map in map_names::ALL {
+        loader.map_pin_path(map, loader::map_pin(&o.pin_path, map));
     }
     let mut ebpf = loader
         .load(DECAP_OBJECT)

@@ -24,6 +24,10 @@ use crate::{
     metrics::{Metrics, ProbeResult},
 };
 
+/// How soon a probe that could not run here is tried again (at most its
+/// interval).
+const LOCAL_RETRY: Duration = Duration::from_millis(250);
+
 /// Consecutive-result state of one backend. Starts up (optimistically, like
 /// HAProxy): a backend listed in the config takes traffic until `fall`
 /// consecutive probes fail.
@@ -67,6 +71,9 @@ pub enum Failure {
     Timeout,
     BadStatus(String),
     Error(String),
+    /// This host could not run the probe (out of file descriptors or
+    /// memory): says nothing about the backend.
+    Local(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -75,7 +82,7 @@ impl std::fmt::Display for Failure {
             Failure::Refused => f.write_str("connection refused"),
             Failure::Timeout => f.write_str("timeout"),
             Failure::BadStatus(s) => write!(f, "bad status: {s}"),
-            Failure::Error(e) => f.write_str(e),
+            Failure::Error(e) | Failure::Local(e) => f.write_str(e),
         }
     }
 }
@@ -84,12 +91,16 @@ impl std::fmt::Display for Failure {
 pub async fn probe(check: &HealthCheck, addr: IpAddr) -> Result<(), Failure> {
     let target = SocketAddr::from((addr, check.port));
     let attempt = async {
-        let mut stream = TcpStream::connect(target)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => Failure::Refused,
-                _ => Failure::Error(e.to_string()),
-            })?;
+        let mut stream =
+            TcpStream::connect(target)
+                .await
+                .map_err(|e| match (e.kind(), e.raw_os_error()) {
+                    (std::io::ErrorKind::ConnectionRefused, _) => Failure::Refused,
+                    (_, Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                        Failure::Local(e.to_string())
+                    }
+                    _ => Failure::Error(e.to_string()),
+                })?;
         if check.kind == HealthKind::Http {
             http_get(&mut stream, &check.path, addr).await?;
         }
@@ -269,10 +280,22 @@ impl Probe {
         let (check, backend) = (&self.check, self.backend);
         let mut ticks = tokio::time::interval_at(Instant::now() + offset, check.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Probes in a row that could not run here.
+        let mut local_errors = 0u32;
         loop {
             ticks.tick().await;
             let started = Instant::now();
             let result = probe(check, backend).await;
+            if let Err(Failure::Local(error)) = &result {
+                self.local_error(local_errors == 0, error);
+                local_errors += 1;
+                ticks.reset_after(check.interval.min(LOCAL_RETRY));
+                continue;
+            }
+            if local_errors > 0 {
+                info!(%backend, port = check.port, failed_probes = local_errors, "health probes run again");
+                local_errors = 0;
+            }
             self.record(&result, started.elapsed());
             let Some(up) = state.observe(result.is_ok(), check.rise, check.fall) else {
                 continue;
@@ -296,6 +319,21 @@ impl Probe {
         }
     }
 
+    /// Counts a probe that could not run here (logged on the first of a
+    /// series); it is not a result and feeds no rise/fall state.
+    fn local_error(&self, first: bool, error: &str) {
+        let l = &self.labels;
+        self.metrics.probe_local_error(&l.vip, &l.proto, &l.backend);
+        if first {
+            warn!(
+                backend = %self.backend,
+                port = self.check.port,
+                %error,
+                "health probe could not run on this host; retrying, the backend's state stays"
+            );
+        }
+    }
+
     fn record(&self, result: &Result<(), Failure>, took: Duration) {
         let result = match result {
             Ok(()) => ProbeResult::Success,
@@ -303,6 +341,7 @@ impl Probe {
             Err(Failure::Timeout) => ProbeResult::Timeout,
             Err(Failure::BadStatus(_)) => ProbeResult::BadStatus,
             Err(Failure::Error(_)) => ProbeResult::Error,
+            Err(Failure::Local(_)) => return,
         };
         let l = &self.labels;
         self.metrics

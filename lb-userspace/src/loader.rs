@@ -10,23 +10,20 @@
 
 use std::{
     io,
-    mem::size_of,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
 };
-use lb_common::{
-    BackendEntry, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6, GlobalConfig, MAGLEV_MAP_FLAGS,
-    PROGRAM_NAME, SlotPair, StatBlock, Traffic, VIPS_MAP_FLAGS, VipEntry, VipKey, map_names,
-};
+use lb_common::{PROGRAM_NAME, map_names};
+
+use crate::{map_layout, pins};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -37,9 +34,6 @@ pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// `xdp_tx_swap`, `xdp_gen`, `xdp_count_drop`).
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
-
-/// `statfs` magic of the BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -69,6 +63,8 @@ pub enum LoadError {
     NotBpffs { path: PathBuf },
     #[error("another lb is running with pin_path {path}")]
     Locked { path: PathBuf },
+    #[error("pin_path: {path} {why}")]
+    UnsafePinPath { path: PathBuf, why: String },
 }
 
 /// Map sizes fixed at load time.
@@ -81,77 +77,17 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn maglev_entries(&self) -> u32 {
-        lb_common::maglev_entries(self.max_vips, self.table_size)
+    /// The capacities set at load time, by map.
+    pub fn capacities(&self) -> [(&'static str, u32); 3] {
+        [
+            (
+                map_names::MAGLEV,
+                lb_common::maglev_entries(self.max_vips, self.table_size),
+            ),
+            (map_names::FLOWS, self.max_flows),
+            (map_names::FLOWS6, self.max_flows_v6),
+        ]
     }
-
-    /// What this build and these sizes expect of each map.
-    fn layout(&self, map: &str) -> Layout {
-        let (key, value, entries, flags) = match map {
-            map_names::VIPS => (
-                size_of::<VipKey>(),
-                size_of::<VipEntry>(),
-                None,
-                VIPS_MAP_FLAGS,
-            ),
-            map_names::BACKENDS => (4, size_of::<BackendEntry>(), None, 0),
-            map_names::MAGLEV => (
-                4,
-                size_of::<SlotPair>(),
-                Some(self.maglev_entries()),
-                MAGLEV_MAP_FLAGS,
-            ),
-            map_names::CONFIG => (4, size_of::<GlobalConfig>(), None, 0),
-            map_names::STATS => (4, size_of::<StatBlock>(), None, 0),
-            map_names::VIP_FILTER => (4, 8, None, 0),
-            map_names::VIP_STATS | map_names::BACKEND_STATS => (4, size_of::<Traffic>(), None, 0),
-            map_names::FLOWS => (
-                size_of::<FlowKey>(),
-                size_of::<FlowEntry>(),
-                lru_capacity(self.max_flows),
-                FLOWS_MAP_FLAGS,
-            ),
-            map_names::FLOWS6 => (
-                size_of::<FlowKey6>(),
-                size_of::<FlowEntry>(),
-                lru_capacity(self.max_flows_v6),
-                FLOWS_MAP_FLAGS,
-            ),
-            _ => (0, 0, None, 0),
-        };
-        Layout {
-            key: key as u32,
-            value: value as u32,
-            entries,
-            flags,
-        }
-    }
-}
-
-/// The capacity the kernel gives a flow table created for `n` entries: with
-/// per-CPU LRU lists it rounds `n` to a multiple of the possible CPUs, so a
-/// pinned table is compared against that. `None` (not checked) when the CPU
-/// count cannot be read.
-fn lru_capacity(n: u32) -> Option<u32> {
-    let cpus = aya::util::nr_cpus().ok()?;
-    Some(per_cpu_lru_entries(n, cpus as u32))
-}
-
-/// `n` rounded up to a multiple of `cpus`, or down when that overflows, as
-/// the kernel's `htab_map_alloc` does for `BPF_F_NO_COMMON_LRU`.
-fn per_cpu_lru_entries(n: u32, cpus: u32) -> u32 {
-    let cpus = cpus.max(1);
-    n.div_ceil(cpus)
-        .checked_mul(cpus)
-        .unwrap_or(n / cpus * cpus)
-}
-
-/// Key and value sizes, capacity (for maps sized at load) and flags of a map.
-struct Layout {
-    key: u32,
-    value: u32,
-    entries: Option<u32>,
-    flags: u32,
 }
 
 pub fn map_pin(dir: &Path, map: &str) -> PathBuf {
@@ -180,7 +116,7 @@ pub struct PinLock {
 }
 
 pub fn lock(pin_dir: &Path) -> Result<PinLock, LoadError> {
-    ensure_bpffs(pin_dir)?;
+    pins::ensure_bpffs(pin_dir)?;
     lock_dir(pin_dir)
 }
 
@@ -191,7 +127,7 @@ fn lock_dir(pin_dir: &Path) -> Result<PinLock, LoadError> {
         path: pin_dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(pin_dir).map_err(io_err)?;
+    pins::make_private_dir(pin_dir)?;
     let dir = std::fs::File::open(pin_dir).map_err(io_err)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -208,74 +144,23 @@ fn lock_dir(pin_dir: &Path) -> Result<PinLock, LoadError> {
 
 /// Creates (or, with `pin_dir`, opens or creates and pins) the maps, sized for
 /// `sizes`, and loads the program through the verifier. Nothing is attached.
-/// Pinned maps that do not fit `sizes` or this build's layouts are refused.
+/// Pinned maps that differ from what this build and `sizes` create are
+/// refused before anything is loaded.
 pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(map_names::MAGLEV, sizes.maglev_entries())
-        .map_max_entries(map_names::FLOWS, sizes.max_flows)
-        .map_max_entries(map_names::FLOWS6, sizes.max_flows_v6);
+    for (map, entries) in sizes.capacities() {
+        loader.map_max_entries(map, entries);
+    }
     if let Some(dir) = pin_dir {
-        ensure_bpffs(dir)?;
-        let maps = dir.join("maps");
-        std::fs::create_dir_all(&maps).map_err(|source| LoadError::Io { path: maps, source })?;
+        pins::prepare(&dir.join("maps"))?;
+        map_layout::check_pins(EBPF_OBJECT, dir, &map_names::ALL, &sizes.capacities())?;
         for map in map_names::ALL {
-            let path = map_pin(dir, map);
-            if path.exists() {
-                check_pinned(&path, sizes.layout(map))?;
-            }
-            loader.map_pin_path(map, path);
+            loader.map_pin_path(map, map_pin(dir, map));
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     program(&mut ebpf)?.load()?;
     Ok(ebpf)
-}
-
-/// Refuses the map pinned at `path`, if any, unless its key and value sizes
-/// and flags are the given ones (for maps outside [`Sizes`]' layouts).
-pub fn check_pinned_sizes(
-    path: &Path,
-    key: usize,
-    value: usize,
-    flags: u32,
-) -> Result<(), LoadError> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let want = Layout {
-        key: key as u32,
-        value: value as u32,
-        entries: None,
-        flags,
-    };
-    check_pinned(path, want)
-}
-
-fn check_pinned(path: &Path, want: Layout) -> Result<(), LoadError> {
-    let info = MapInfo::from_pin(path).map_err(|e| LoadError::Io {
-        path: path.to_owned(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let checks = [
-        ("key size", info.key_size(), Some(want.key)),
-        ("value size", info.value_size(), Some(want.value)),
-        ("max entries", info.max_entries(), want.entries),
-        ("flags", info.map_flags(), Some(want.flags)),
-    ];
-    for (what, found, wanted) in checks {
-        if let Some(wanted) = wanted
-            && found != wanted
-        {
-            return Err(LoadError::PinMismatch {
-                path: path.to_owned(),
-                what,
-                found,
-                wanted,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The load balancer's XDP program inside `ebpf`.
@@ -335,6 +220,39 @@ pub fn attach_program(
     Ok(Attached::Fresh)
 }
 
+/// Removes what a start pinned under a pin directory that held nothing of
+/// `lb`'s, unless the start succeeds ([`keep`](Self::keep)): a start that
+/// fails part-way (after its maps were pinned, before its attachment was)
+/// leaves nothing behind. A directory that held pins already is left alone:
+/// those pins are a running instance's state.
+pub struct FreshPins {
+    dir: Option<PathBuf>,
+}
+
+impl FreshPins {
+    pub fn watch(dir: &Path) -> FreshPins {
+        let fresh = !is_pinned(dir) && !link_is_pinned(dir);
+        FreshPins {
+            dir: fresh.then(|| dir.to_owned()),
+        }
+    }
+
+    /// The start succeeded: the pins stay.
+    pub fn keep(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir
+            && let Err(e) = remove_pins(dir)
+        {
+            tracing::warn!(error = %e, "removing the pins of a failed start");
+        }
+    }
+}
+
 /// Detaches and forgets what `lb` pinned under `pin_dir`: unpinning the link
 /// detaches the program (no process holds it), then the maps go. Only the
 /// files `lb` creates are removed, and the directories only if that leaves
@@ -360,66 +278,6 @@ pub fn remove_pins_of(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoadError> 
         let _ = std::fs::remove_dir(dir);
     }
     Ok(found)
-}
-
-/// Makes sure `dir` can hold pins: its nearest existing ancestor must be on a
-/// bpffs. The conventional /sys/fs/bpf is mounted when it is not yet.
-pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
-    let existing = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    if is_bpffs(existing) {
-        return Ok(());
-    }
-    // Only the conventional mount point is mounted on demand (needs
-    // CAP_SYS_ADMIN); anything else is the operator's to set up.
-    let root = Path::new("/sys/fs/bpf");
-    if existing == root {
-        mount_bpffs(root)?;
-        if is_bpffs(root) {
-            return Ok(());
-        }
-    }
-    Err(LoadError::NotBpffs {
-        path: dir.to_owned(),
-    })
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct we own; `c` outlives the call.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
-}
-
-fn mount_bpffs(at: &Path) -> Result<(), LoadError> {
-    let target =
-        std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(|e| LoadError::Io {
-            path: at.to_owned(),
-            source: io::Error::other(e),
-        })?;
-    // SAFETY: all pointers are valid NUL-terminated strings for the call.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(LoadError::Io {
-            path: at.to_owned(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -448,20 +306,6 @@ mod tests {
         );
         assert!(!remove_pins(&dir).unwrap(), "nothing of lb's left");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn flow_tables_are_sized_like_the_kernel_sizes_per_cpu_lru_maps() {
-        assert_eq!(per_cpu_lru_entries(1024, 2), 1024);
-        assert_eq!(per_cpu_lru_entries(1025, 2), 1026);
-        assert_eq!(per_cpu_lru_entries(1024, 6), 1026);
-        assert_eq!(per_cpu_lru_entries(262_144, 48), 262_176);
-        assert_eq!(
-            per_cpu_lru_entries(u32::MAX, 2),
-            u32::MAX - 1,
-            "rounded down"
-        );
-        assert_eq!(per_cpu_lru_entries(7, 0), 7, "no CPU count: as is");
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub struct Metrics {
     registry: Registry,
     health_checks: IntCounterVec,
     health_check_duration: HistogramVec,
+    health_probe_local_errors: IntCounterVec,
     maglev_rebuilds: IntCounterVec,
     maglev_build_duration: HistogramVec,
     reload_successful: IntGauge,
@@ -75,6 +76,14 @@ impl Metrics {
                 ]),
                 &["vip", "proto"],
             )),
+            health_probe_local_errors: must(IntCounterVec::new(
+                Opts::new(
+                    "lb_health_probe_local_errors_total",
+                    "Health probes this host could not run (out of file descriptors or memory); \
+                     retried, never counted against the backend.",
+                ),
+                &["vip", "proto", "backend"],
+            )),
             maglev_rebuilds: must(IntCounterVec::new(
                 Opts::new(
                     "lb_maglev_rebuilds_total",
@@ -102,9 +111,10 @@ impl Metrics {
             )),
             registry,
         };
-        let collectors: [Box<dyn Collector>; 6] = [
+        let collectors: [Box<dyn Collector>; 7] = [
             Box::new(m.health_checks.clone()),
             Box::new(m.health_check_duration.clone()),
+            Box::new(m.health_probe_local_errors.clone()),
             Box::new(m.maglev_rebuilds.clone()),
             Box::new(m.maglev_build_duration.clone()),
             Box::new(m.reload_successful.clone()),
@@ -168,6 +178,17 @@ impl Metrics {
                 .health_checks
                 .remove_label_values(&[vip, proto, backend, result.label()]);
         }
+        let _ = self
+            .health_probe_local_errors
+            .remove_label_values(&[vip, proto, backend]);
+    }
+
+    /// Counts a probe that could not run on this host (no file descriptor,
+    /// no buffer): not a result about the backend.
+    pub fn probe_local_error(&self, vip: &str, proto: &str, backend: &str) {
+        self.health_probe_local_errors
+            .with_label_values(&[vip, proto, backend])
+            .inc();
     }
 
     /// The text exposition: the event metrics plus everything in `status`.

@@ -24,9 +24,10 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    admin::{Admin, Query},
+    admin::{self, Admin, Query},
     config::{self, Config},
     dataplane::{Dataplane as _, aya::AyaDataplane},
+    fd_limit,
     health::{Supervisor, Transition},
     loader::{self, Attached},
     metrics::Metrics,
@@ -34,6 +35,7 @@ use crate::{
     neighbour::{NeighbourTable, Wanted},
     reconcile::{Reconciler, Swap, backend_keys},
     status::{self, Status},
+    xdp_owner,
 };
 
 /// How long start-up waits for backend MACs before attaching anyway (the
@@ -68,9 +70,15 @@ struct Daemon {
 }
 
 pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Result<()> {
+    match fd_limit::raise() {
+        Ok((soft, _)) => debug!(open_files = soft, "open-file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
     // Held until exit: one control plane per pinned state (`lb stop` checks
     // it too).
     let _lock = loader::lock(&config.pin_path)?;
+    // Until attached, a failure removes what this start pinned.
+    let fresh = loader::FreshPins::watch(&config.pin_path);
     // The admin listener comes first, so `/ready` answers 503 while starting.
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -83,10 +91,24 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
         queries,
         metrics: metrics.clone(),
     }
-    .spawn(listener);
+    .spawn(
+        listener,
+        admin::Limits::new(config.admin_max_connections as usize),
+    );
     info!(listen = %config.admin_listen, "admin listener up");
 
     let pin = config.pin_path.clone();
+    // Attaching would fail anyway, but only after pinning the maps.
+    if !loader::link_is_pinned(&pin)
+        && let Some(id) = xdp_owner::attached_program(ifindex).await?
+    {
+        anyhow::bail!(
+            "{} already runs XDP program {id}, not attached through pin_path {}: \
+             another lb (with another pin_path) or another XDP tool has it; detach that first",
+            config.interface,
+            pin.display()
+        );
+    }
     let adopting = loader::is_pinned(&pin);
     let mut ebpf = loader::load(config.sizes(), Some(&pin))?;
     let dp = AyaDataplane::new(&mut ebpf)?;
@@ -134,6 +156,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             d.config.interface, d.config.xdp_mode
         )
     })?;
+    fresh.keep();
     d.attached = true;
     d.ready.store(true, Ordering::SeqCst);
     info!(
@@ -205,7 +228,10 @@ impl Daemon {
     /// Notices an attachment removed behind our back (`lb stop`, or the
     /// interface deleted), so metrics and `/ready` tell the truth.
     fn check_attachment(&mut self, pin: &Path, shutting_down: bool) {
-        let attached = loader::link_is_pinned(pin) && interface_exists(&self.config.interface);
+        let Some(exists) = interface_exists(&self.config.interface) else {
+            return;
+        };
+        let attached = loader::link_is_pinned(pin) && exists;
         if attached != self.attached {
             if attached {
                 info!(interface = %self.config.interface, "attachment is back");
@@ -408,11 +434,17 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-fn interface_exists(name: &str) -> bool {
-    std::ffi::CString::new(name)
-        // SAFETY: a valid NUL-terminated string for the duration of the call.
-        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
-        .unwrap_or(false)
+/// Whether interface `name` exists; `None` when the kernel could not be
+/// asked (the query needs a socket, and descriptors can run out).
+fn interface_exists(name: &str) -> Option<bool> {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return Some(false);
+    };
+    // SAFETY: a valid NUL-terminated string for the duration of the call.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } != 0 {
+        return Some(true);
+    }
+    (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)).then_some(false)
 }
 
 /// The backends to resolve, by how they are reached.

@@ -16,6 +16,7 @@ pub struct Fixed {
     pub sizes: Sizes,
     pub pin_path: PathBuf,
     pub admin_listen: SocketAddr,
+    pub admin_max_connections: u32,
 }
 
 impl Fixed {
@@ -35,6 +36,7 @@ impl Fixed {
                 },
             pin_path,
             admin_listen,
+            admin_max_connections,
         } = self;
         [
             ("interface", *interface != new.interface),
@@ -48,6 +50,10 @@ impl Fixed {
             ),
             ("pin_path", *pin_path != new.pin_path),
             ("admin.listen", *admin_listen != new.admin_listen),
+            (
+                "admin.max_connections",
+                *admin_max_connections != new.admin_max_connections,
+            ),
         ]
         .into_iter()
         .filter_map(|(name, differs)| differs.then_some(name))
@@ -63,6 +69,7 @@ impl Config {
             sizes: self.sizes(),
             pin_path: self.pin_path.clone(),
             admin_listen: self.admin_listen,
+            admin_max_connections: self.admin_max_connections,
         }
     }
 

@@ -134,6 +134,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// After SIGINT/SIGTERM, how long `/ready` answers 503 before `lb` exits.
     pub shutdown_grace: Duration,
+    /// Connections the admin listener serves at once.
+    pub admin_max_connections: u32,
     pub vips: Vec<Vip>,
 }
 

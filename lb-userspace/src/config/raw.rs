@@ -18,6 +18,10 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 /// Where pinned maps and the XDP link live, unless `pin_path` says otherwise
 /// (under a directory named for the interface).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/lb";
+/// Each admin connection holds a file descriptor and some memory; a few
+/// dozen cover every scraper and operator.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: u32 = 64;
+
 /// Loopback by default: the admin listener is unauthenticated.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9742";
 
@@ -86,6 +90,7 @@ impl Default for RawFlowTable {
 pub(super) struct RawAdmin {
     pub(super) listen: String,
     pub(super) shutdown_grace: String,
+    pub(super) max_connections: i64,
 }
 
 impl Default for RawAdmin {
@@ -93,6 +98,7 @@ impl Default for RawAdmin {
         Self {
             listen: DEFAULT_ADMIN_LISTEN.into(),
             shutdown_grace: "0s".into(),
+            max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS.into(),
         }
     }
 }

@@ -396,6 +396,7 @@ fn defaults_for_health_flows_and_pinning() {
     assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/lb/eth0"));
     assert_eq!(c.admin_listen, "127.0.0.1:9742".parse().unwrap());
     assert_eq!(c.shutdown_grace, Duration::ZERO);
+    assert_eq!(c.admin_max_connections, 64);
 }
 
 #[test]
@@ -527,6 +528,11 @@ fn rejects_unknown_states_policies_and_bad_flow_settings() {
         e.contains("admin.shutdown_grace") && e.contains("not a duration"),
         "{e}"
     );
+    let e = error_with(
+        "xdp_mode: native",
+        "xdp_mode: native\nadmin: { max_connections: 0 }",
+    );
+    assert!(e.contains("admin.max_connections"), "{e}");
     let e = error_with(
         "xdp_mode: native",
         "xdp_mode: native\npin_path: relative/dir",

@@ -36,6 +36,7 @@ pub(super) struct Global {
     pin_path: PathBuf,
     admin_listen: SocketAddr,
     shutdown_grace: Duration,
+    admin_max_connections: u32,
 }
 
 impl Global {
@@ -52,10 +53,14 @@ impl Global {
             pin_path: self.pin_path,
             admin_listen: self.admin_listen,
             shutdown_grace: self.shutdown_grace,
+            admin_max_connections: self.admin_max_connections,
             vips,
         }
     }
 }
+
+/// Each admin connection holds a file descriptor; far below any sane limit.
+const ADMIN_MAX_CONNECTIONS_MAX: i64 = 4096;
 
 /// Checks everything but the VIPs themselves (their number included).
 pub(super) fn validate(p: &mut Problems, raw: &RawConfig) -> Option<Global> {
@@ -141,6 +146,13 @@ pub(super) fn validate(p: &mut Problems, raw: &RawConfig) -> Option<Global> {
         );
     });
     let shutdown_grace = parse_duration(p, "admin.shutdown_grace", &raw.admin.shutdown_grace);
+    let max_connections = raw.admin.max_connections;
+    if !(1..=ADMIN_MAX_CONNECTIONS_MAX).contains(&max_connections) {
+        p.add(
+            "admin.max_connections",
+            format!("{max_connections} is out of range 1..={ADMIN_MAX_CONNECTIONS_MAX}"),
+        );
+    }
 
     Some(Global {
         interface: raw.interface.clone(),
@@ -154,5 +166,6 @@ pub(super) fn validate(p: &mut Problems, raw: &RawConfig) -> Option<Global> {
         pin_path,
         admin_listen: admin_listen.ok()?,
         shutdown_grace: shutdown_grace?,
+        admin_max_connections: max_connections as u32,
     })
 }
