@@ -17,7 +17,7 @@ use lb_common::hash::hash_words;
 /// Second seed for the skip hash, so offset and skip are independent.
 const SKIP_SALT: u32 = 0x9e37_79b9;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Weighted {
     pub address: IpAddr,
     pub weight: u32,

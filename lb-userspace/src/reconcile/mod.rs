@@ -15,7 +15,7 @@ mod plan;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -36,7 +36,7 @@ use self::{
 use crate::{
     config::{Config, Vip},
     dataplane::{Dataplane, DataplaneError, VipFilter},
-    maglev,
+    maglev::{self, Weighted},
     model::{Health, Neighbours, is_up},
 };
 
@@ -112,6 +112,25 @@ impl PartialEq for Swap {
     }
 }
 
+/// The input of one Maglev table: build it anywhere with
+/// [`TableJob::build`] and hand the result to
+/// [`Reconciler::provide_tables`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TableJob {
+    pub members: Vec<Weighted>,
+    pub size: u32,
+    pub seed: u32,
+}
+
+impl TableJob {
+    /// The table, and how long building it took.
+    pub fn build(&self) -> (maglev::Table, Duration) {
+        let started = Instant::now();
+        let table = maglev::build(&self.members, self.size, self.seed);
+        (table, started.elapsed())
+    }
+}
+
 /// A new VIP key taking over the id of a removed one.
 #[derive(Debug, Clone, Copy)]
 struct Move {
@@ -135,6 +154,8 @@ pub struct Reconciler<D> {
     applied: Applied,
     /// How long a retired table half stays untouched.
     swap_grace: Duration,
+    /// Tables built elsewhere for the next apply, with their build time.
+    prebuilt: HashMap<TableJob, (maglev::Table, Duration)>,
 }
 
 /// The VIP destination bitmap for a set of VIP keys.
@@ -159,6 +180,7 @@ impl<D: Dataplane> Reconciler<D> {
             vip_filter: None,
             applied: Applied::default(),
             swap_grace: SWAP_GRACE,
+            prebuilt: HashMap::new(),
         }
     }
 
@@ -236,6 +258,41 @@ impl<D: Dataplane> Reconciler<D> {
             .min()
     }
 
+    /// The tables an [`apply`](Self::apply) of `config` with `health` would
+    /// build now. Building is the slow part of a change (milliseconds per
+    /// VIP at large table sizes), so the daemon builds them on other
+    /// threads and hands them in; `apply` builds any it was not given.
+    pub fn tables_needed(&self, config: &Config, health: &Health) -> Vec<TableJob> {
+        config
+            .vips
+            .iter()
+            .filter_map(|vip| {
+                let members = plan_vip(vip, |a| is_up(health, vip.key, a)).members;
+                let current = self.applied.vips.get(&vip.key);
+                let built = current
+                    .is_some_and(|a| a.members.as_ref() == Some(&members) && a.seed == config.seed);
+                (!built).then_some(TableJob {
+                    members,
+                    size: self.table_size,
+                    seed: config.seed,
+                })
+            })
+            .collect()
+    }
+
+    /// Tables built from [`tables_needed`](Self::tables_needed), for the
+    /// next apply.
+    pub fn provide_tables(
+        &mut self,
+        tables: impl IntoIterator<Item = (TableJob, maglev::Table, Duration)>,
+    ) {
+        self.prebuilt.extend(
+            tables
+                .into_iter()
+                .map(|(job, table, took)| (job, (table, took))),
+        );
+    }
+
     /// Makes the maps express `config` with `health` and the MACs in
     /// `neighbours`. Returns the VIPs whose table was swapped.
     ///
@@ -270,7 +327,10 @@ impl<D: Dataplane> Reconciler<D> {
         self.widen_vip_filter(&wanted)?;
         self.move_vips(&moves)?;
         self.remove_gone_vips(&wanted)?;
-        let swaps = self.apply_vips(config, health, neighbours)?;
+        let swaps = self.apply_vips(config, health, neighbours);
+        // Whatever was not used was built for another state.
+        self.prebuilt.clear();
+        let swaps = swaps?;
         self.release_removed_backends(config)?;
         self.narrow_vip_filter(&wanted)?;
         Ok(swaps)
@@ -556,9 +616,15 @@ impl<D: Dataplane> Reconciler<D> {
         ids: &BTreeMap<IpAddr, u32>,
     ) -> Result<Swap, ReconcileError> {
         let seed = self.seed();
-        let started = Instant::now();
-        let table = maglev::build(&plan.members, self.table_size, seed);
-        let build = started.elapsed();
+        let job = TableJob {
+            members: plan.members.clone(),
+            size: self.table_size,
+            seed,
+        };
+        let (table, build) = match self.prebuilt.remove(&job) {
+            Some(built) => built,
+            None => job.build(),
+        };
         let table_base = self.write_table(vip_id, half, &table, ids)?;
         let shares = table
             .backends

@@ -162,3 +162,25 @@ fn a_different_table_size_is_refused() {
     ));
     assert!(r.dataplane().log.is_empty());
 }
+
+#[test]
+fn tables_built_elsewhere_are_used_and_nothing_is_needed_after() {
+    let mut r = reconciler();
+    let c = config(false, 1);
+    let jobs = r.tables_needed(&c, &all_up());
+    assert_eq!(jobs.len(), 2, "web and dns: {jobs:?}");
+    // A marker build time tells a provided table from one built in place.
+    let marker = Duration::from_secs(42);
+    r.provide_tables(jobs.into_iter().map(|j| {
+        let (table, _) = j.build();
+        (j, table, marker)
+    }));
+    let swaps = r.apply(&c, &all_up(), &neighbours()).unwrap();
+    assert!(swaps.iter().all(|s| s.build == marker), "{swaps:?}");
+    assert_eq!(active_addresses(&r, &c.vips[0]), planned_addresses(&c));
+    assert!(r.tables_needed(&c, &all_up()).is_empty());
+    // A health change needs exactly the affected VIP's table.
+    let jobs = r.tables_needed(&c, &down(&c, &[12]));
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].members.len(), 1);
+}
