@@ -15,6 +15,7 @@ pub mod model;
 pub mod neighbour;
 pub mod pins;
 pub mod reconcile;
+pub mod reload;
 pub mod run;
 pub mod status;
 pub mod xdp_owner;

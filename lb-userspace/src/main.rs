@@ -245,7 +245,10 @@ fn decap(
 
 /// Runs `work` on a single-threaded runtime; any error becomes exit code 1.
 fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: the admin listener and the probes keep answering while
+    // the event loop writes a large change to the maps.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {

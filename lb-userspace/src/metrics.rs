@@ -4,8 +4,8 @@
 //! the exposition always matches the kernel's counters.
 
 use prometheus::{
-    Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder, core::Collector,
+    Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
 
 use crate::status::Status;
@@ -51,6 +51,7 @@ pub struct Metrics {
     maglev_build_duration: HistogramVec,
     reload_successful: IntGauge,
     reload_timestamp: Gauge,
+    reload_failures: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -109,9 +110,13 @@ impl Metrics {
                 "lb_config_last_reload_timestamp_seconds",
                 "Unix time of the last config (re)load attempt.",
             )),
+            reload_failures: must(IntCounter::new(
+                "lb_config_reload_failures_total",
+                "Config reloads rejected, or that failed to apply (each retry counts).",
+            )),
             registry,
         };
-        let collectors: [Box<dyn Collector>; 7] = [
+        let collectors: [Box<dyn Collector>; 8] = [
             Box::new(m.health_checks.clone()),
             Box::new(m.health_check_duration.clone()),
             Box::new(m.health_probe_local_errors.clone()),
@@ -119,6 +124,7 @@ impl Metrics {
             Box::new(m.maglev_build_duration.clone()),
             Box::new(m.reload_successful.clone()),
             Box::new(m.reload_timestamp.clone()),
+            Box::new(m.reload_failures.clone()),
         ];
         for c in collectors {
             must(m.registry.register(c));
@@ -133,6 +139,12 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         self.reload_timestamp.set(now.as_secs_f64());
+    }
+
+    /// Records a reload that was rejected or failed to apply.
+    pub fn reload_failed(&self) {
+        self.reloaded(false);
+        self.reload_failures.inc();
     }
 
     /// Counts one health probe of `backend` and how long it took.
@@ -391,6 +403,7 @@ mod tests {
             xdp_mode: XdpMode::Native,
             attached: true,
             ready: true,
+            config: Default::default(),
             counters: BTreeMap::from([
                 ("action_tx".into(), 7),
                 ("drop_no_backend".into(), 2),

@@ -11,7 +11,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -33,7 +33,8 @@ use crate::{
     metrics::Metrics,
     model::{Health, Neighbours},
     neighbour::{NeighbourTable, Wanted},
-    reconcile::{Reconciler, Swap, backend_keys},
+    reconcile::{ReconcileError, Reconciler, Swap, backend_keys},
+    reload::{self, ConfigStatus, Watch},
     status::{self, Status},
     xdp_owner,
 };
@@ -54,9 +55,26 @@ pub struct Options {
     pub detach_on_exit: bool,
 }
 
+/// Longest wait between attempts to apply a change that failed.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Everything the loop owns. Only `reconciler` writes maps.
-struct Daemon {
+struct Pending {
     config: Config,
+    sha256: String,
+    trigger: &'static str,
+}
+
+struct Daemon {
+    /// The config the maps express (applied whole).
+    config: Config,
+    /// A valid config taken up but not yet applied whole, retried.
+    pending: Option<Pending>,
+    /// When to apply again after a failed apply.
+    retry_at: Option<Instant>,
+    /// Failed applies in a row (the retry backoff).
+    failures_in_a_row: u32,
+    config_status: ConfigStatus,
     reconciler: Reconciler<AyaDataplane>,
     health: Health,
     neighbours: Neighbours,
@@ -129,9 +147,22 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
         warn!(backend = %addr, "MAC not resolved yet; packets for it are dropped until it is");
     }
 
-    let (events, mut transitions) = mpsc::channel(256);
+    // Room for a transition of every backend, so a burst of failures never
+    // makes probes wait to report.
+    let (events, mut transitions) = mpsc::channel(2 * lb_common::MAX_BACKENDS as usize);
+    let started_with = reload::read(&options.config_path).await.ok();
     let mut d = Daemon {
         config,
+        pending: None,
+        retry_at: None,
+        failures_in_a_row: 0,
+        config_status: ConfigStatus {
+            applied_sha256: started_with
+                .as_deref()
+                .map(reload::digest)
+                .unwrap_or_default(),
+            ..ConfigStatus::default()
+        },
         reconciler,
         health,
         neighbours,
@@ -142,6 +173,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
         attached: false,
         scraped_new_flows: BTreeMap::new(),
     };
+    d.build_tables().await;
     let swaps = d.reconciler.apply(&d.config, &d.health, &d.neighbours)?;
     d.record(&swaps);
     d.metrics.reloaded(true);
@@ -171,33 +203,46 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut last_text = std::fs::read_to_string(&options.config_path).ok();
+    let mut watch = Watch::new(options.config_path.clone(), started_with);
     let mut config_poll = tokio::time::interval(CONFIG_POLL);
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut counters = tokio::time::interval(COUNTER_LOG);
     // Set when a shutdown starts: the loop keeps serving until then.
     let mut leave_at: Option<tokio::time::Instant> = None;
     loop {
-        // A VIP whose rebuild came within its retired half's grace is
-        // applied again once the grace is over.
-        let deferred = d
-            .reconciler
-            .next_deadline()
+        // Apply again when a VIP whose rebuild came within its retired
+        // half's grace may be rebuilt, or when a failed apply is retried.
+        let again = [d.reconciler.next_deadline(), d.retry_at]
+            .into_iter()
+            .flatten()
+            .min()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
             _ = sleep_until(leave_at) => break,
-            _ = sleep_until(deferred) => d.apply_deferred(),
+            _ = sleep_until(again) => {
+                d.retry_at = None;
+                d.converge(&[]).await;
+            }
             _ = sigint.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
             _ = sigterm.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
-            _ = sighup.recv() => d.reload(&options.config_path, "SIGHUP"),
+            _ = sighup.recv() => match watch.read_now().await {
+                Ok(text) => d.reload(text, watch.path(), "SIGHUP").await,
+                Err(e) => d.reject("SIGHUP", e),
+            },
             _ = config_poll.tick() => {
-                let text = std::fs::read_to_string(&options.config_path).ok();
-                if text != last_text {
-                    last_text = text;
-                    d.reload(&options.config_path, "file changed");
+                if let Some(text) = watch.poll().await {
+                    d.reload(text, watch.path(), "file changed").await;
                 }
             }
-            Some(t) = transitions.recv() => d.on_transition(t),
+            Some(t) = transitions.recv() => {
+                // Everything that arrived together is one change: each VIP
+                // is rebuilt at most once per burst.
+                let mut burst = vec![t];
+                while let Ok(t) = transitions.try_recv() {
+                    burst.push(t);
+                }
+                d.on_transitions(burst).await;
+            }
             Some(q) = requests.recv() => {
                 if let Some(s) = d.status(q.scrape) {
                     let _ = q.reply.send(s);
@@ -271,99 +316,183 @@ impl Daemon {
         }
     }
 
-    fn on_transition(&mut self, t: Transition) {
-        if !self.supervisor.is_current(&t) {
-            debug!(backend = %t.backend, "ignoring a transition from a stopped probe task");
+    /// Health transitions that arrived together: recorded, then applied in
+    /// one go. Each swap is logged once per transition it carries, with the
+    /// time from that transition's deciding probe to the swap.
+    async fn on_transitions(&mut self, burst: Vec<Transition>) {
+        let burst: Vec<Transition> = burst
+            .into_iter()
+            .filter(|t| {
+                let current = self.supervisor.is_current(t);
+                if !current {
+                    debug!(backend = %t.backend, "ignoring a transition from a stopped probe task");
+                }
+                current
+            })
+            .collect();
+        for t in &burst {
+            self.health.insert((t.vip, t.backend), t.up);
+        }
+        let Some(swaps) = self.converge(&burst).await else {
             return;
-        }
-        self.health.insert((t.vip, t.backend), t.up);
-        match self
-            .reconciler
-            .apply(&self.config, &self.health, &self.neighbours)
-        {
-            Ok(swaps) => {
-                for s in &swaps {
-                    info!(
-                        vip = %s.name,
-                        backend = %t.backend,
-                        up = t.up,
-                        members = s.members,
-                        all_down = s.all_down,
-                        detection_to_swap_us = t.at.elapsed().as_micros() as u64,
-                        "table swapped"
-                    );
-                }
-                self.record(&swaps);
+        };
+        for s in &swaps {
+            for t in burst.iter().filter(|t| t.vip == s.vip) {
+                info!(
+                    vip = %s.name,
+                    backend = %t.backend,
+                    up = t.up,
+                    members = s.members,
+                    all_down = s.all_down,
+                    transitions = burst.len(),
+                    detection_to_swap_us = t.at.elapsed().as_micros() as u64,
+                    "table swapped"
+                );
             }
-            Err(e) => error!(error = %e, "applying a health change failed"),
         }
     }
 
-    /// Applies again once the grace of a deferred VIP's retired table half
-    /// is over.
-    fn apply_deferred(&mut self) {
-        match self
-            .reconciler
-            .apply(&self.config, &self.health, &self.neighbours)
-        {
-            Ok(swaps) => {
-                for s in &swaps {
-                    info!(vip = %s.name, members = s.members, all_down = s.all_down, "deferred table swap done");
-                }
-                self.record(&swaps);
-            }
-            Err(e) => error!(error = %e, "applying a deferred table swap failed"),
-        }
+    /// The config the maps should express: a pending one, else the applied.
+    fn target(&self) -> &Config {
+        self.pending.as_ref().map_or(&self.config, |p| &p.config)
     }
 
-    /// Loads the file again; applies it only if it is valid and changes
-    /// nothing that is fixed at start-up. Otherwise the running state stays.
-    fn reload(&mut self, path: &Path, trigger: &str) {
-        let new = match Config::load(path) {
-            Ok(c) => c,
+    /// Builds the tables the next apply needs on blocking threads (both
+    /// cores), so the event loop only writes them.
+    async fn build_tables(&mut self) {
+        let jobs = self.reconciler.tables_needed(self.target(), &self.health);
+        let builds = jobs.into_iter().map(|job| {
+            tokio::task::spawn_blocking(move || {
+                let (table, took) = job.build();
+                (job, table, took)
+            })
+        });
+        let built = futures::future::join_all(builds).await;
+        self.reconciler
+            .provide_tables(built.into_iter().filter_map(Result::ok));
+    }
+
+    /// Makes the maps express the target config with the current health and
+    /// neighbours. A pending config that applies becomes the running one; a
+    /// failure is retried with backoff, or, when the change can never apply
+    /// (it needs more ids than exist), the pending config is dropped. `None`
+    /// when the apply failed.
+    async fn converge(&mut self, burst: &[Transition]) -> Option<Vec<Swap>> {
+        self.build_tables().await;
+        let target = self.pending.as_ref().map_or(&self.config, |p| &p.config);
+        match self
+            .reconciler
+            .apply(target, &self.health, &self.neighbours)
+        {
+            Ok(swaps) => {
+                self.failures_in_a_row = 0;
+                self.retry_at = None;
+                if let Some(p) = self.pending.take() {
+                    self.take_up(p, &swaps);
+                } else if burst.is_empty() {
+                    for s in &swaps {
+                        info!(vip = %s.name, members = s.members, all_down = s.all_down, "deferred table swap done");
+                    }
+                }
+                self.record(&swaps);
+                Some(swaps)
+            }
             Err(e) => {
-                error!(%trigger, error = %e, "reload rejected; the running config stays");
-                self.metrics.reloaded(false);
-                return;
+                self.apply_failed(e);
+                None
             }
+        }
+    }
+
+    fn apply_failed(&mut self, e: ReconcileError) {
+        let now = Instant::now();
+        let Some(at) = e.retry_at(now) else {
+            match self.pending.take() {
+                Some(p) => {
+                    self.config_status.pending_sha256 = None;
+                    self.reject(p.trigger, format!("{e}"));
+                }
+                None => error!(error = %e, "applying the running config failed"),
+            }
+            return;
+        };
+        // 100 ms, doubling, at most RETRY_MAX; never before ids are free.
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << self.failures_in_a_row.min(16))
+            .min(RETRY_MAX);
+        self.failures_in_a_row += 1;
+        let at = at.max(now + backoff);
+        self.retry_at = Some(at);
+        let retry_in_ms = at.duration_since(now).as_millis() as u64;
+        match &self.pending {
+            Some(p) => {
+                error!(trigger = p.trigger, error = %e, retry_in_ms, "reload failed while applying; the running config stays until it applies");
+                self.metrics.reload_failed();
+                self.config_status.reload_failures += 1;
+            }
+            None => error!(error = %e, retry_in_ms, "applying a change failed; retrying"),
+        }
+        self.config_status.last_error = Some(e.to_string());
+    }
+
+    /// A reload that will not be applied: logged, counted and shown; the
+    /// running config stays.
+    fn reject(&mut self, trigger: &str, error: String) {
+        error!(%trigger, %error, "reload rejected; the running config stays");
+        self.metrics.reload_failed();
+        self.config_status.reload_failures += 1;
+        self.config_status.last_error = Some(error);
+    }
+
+    /// A new text from the file: parsed away from the loop, checked against
+    /// the settings fixed at start-up, then applied whole or retried.
+    async fn reload(&mut self, text: String, path: &Path, trigger: &'static str) {
+        let sha256 = reload::digest(&text);
+        let new = match reload::parse(text, path).await {
+            Ok(c) => c,
+            Err(e) => return self.reject(trigger, e),
         };
         let changed = self.config.fixed().changed(&new.fixed());
         if !changed.is_empty() {
-            error!(
-                %trigger,
-                "reload rejected: {} cannot change while lb runs; the running config stays",
-                changed.join(", ")
+            return self.reject(
+                trigger,
+                format!("{} cannot change while lb runs", changed.join(", ")),
             );
-            self.metrics.reloaded(false);
-            return;
         }
-        match self.reconciler.apply(&new, &self.health, &self.neighbours) {
-            Ok(swaps) => {
-                let rebuilt: Vec<&str> = swaps.iter().map(|s| s.name.as_str()).collect();
-                info!(%trigger, ?rebuilt, "config reloaded");
-                // Health and metric series of backends and VIPs that are gone
-                // are forgotten.
-                let live = backend_keys(&new);
-                self.health.retain(|k, _| live.contains(k));
-                let gone = self
-                    .config
-                    .vips
-                    .iter()
-                    .filter(|v| !new.vips.iter().any(|n| n.key == v.key));
-                for v in gone {
-                    self.metrics
-                        .forget_vip(&v.endpoint().to_string(), v.protocol.as_str());
-                }
-                self.config = new;
-                self.record(&swaps);
-                self.sync_probes();
-                self.metrics.reloaded(true);
-            }
-            Err(e) => {
-                error!(%trigger, error = %e, "reload failed while applying");
-                self.metrics.reloaded(false);
-            }
+        // A newer file replaces a pending one.
+        self.config_status.pending_sha256 = Some(sha256.clone());
+        self.pending = Some(Pending {
+            config: new,
+            sha256,
+            trigger,
+        });
+        self.failures_in_a_row = 0;
+        self.converge(&[]).await;
+    }
+
+    /// A pending config has been applied whole: it is the running one now.
+    fn take_up(&mut self, p: Pending, swaps: &[Swap]) {
+        let rebuilt: Vec<&str> = swaps.iter().map(|s| s.name.as_str()).collect();
+        info!(trigger = p.trigger, ?rebuilt, sha256 = %p.sha256, "config reloaded");
+        // Health and metric series of backends and VIPs that are gone are
+        // forgotten.
+        let live = backend_keys(&p.config);
+        self.health.retain(|k, _| live.contains(k));
+        for v in self
+            .config
+            .vips
+            .iter()
+            .filter(|v| !p.config.vips.iter().any(|n| n.key == v.key))
+        {
+            self.metrics
+                .forget_vip(&v.endpoint().to_string(), v.protocol.as_str());
         }
+        self.config = p.config;
+        self.config_status.applied_sha256 = p.sha256;
+        self.config_status.pending_sha256 = None;
+        self.config_status.last_error = None;
+        self.sync_probes();
+        self.metrics.reloaded(true);
     }
 
     /// A snapshot for the admin listener; a scrape also restarts the skew
@@ -383,6 +512,7 @@ impl Daemon {
             applied: self.reconciler.applied(),
             attached: self.attached,
             ready: self.ready.load(Ordering::SeqCst),
+            config_status: &self.config_status,
             previous_new_flows: &self.scraped_new_flows,
         });
         if scrape {
@@ -392,16 +522,11 @@ impl Daemon {
     }
 
     async fn refresh_neighbours(&mut self) {
-        match self.table.refresh(&wanted(&self.config)).await {
+        match self.table.refresh(&wanted(self.target())).await {
             Ok(fresh) if fresh != self.neighbours => {
                 log_changes(&self.neighbours, &fresh);
-                match self.reconciler.apply(&self.config, &self.health, &fresh) {
-                    Ok(swaps) => {
-                        self.record(&swaps);
-                        self.neighbours = fresh;
-                    }
-                    Err(e) => warn!(error = %e, "applying neighbour change failed; will retry"),
-                }
+                self.neighbours = fresh;
+                self.converge(&[]).await;
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "reading the neighbour table failed"),

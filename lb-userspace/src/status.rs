@@ -14,6 +14,7 @@ use crate::{
     dataplane::Counters,
     model::{Health, is_up},
     reconcile::{Applied, AppliedVip, plan_vip},
+    reload::ConfigStatus,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,6 +24,8 @@ pub struct Status {
     pub xdp_mode: XdpMode,
     pub attached: bool,
     pub ready: bool,
+    /// The config the maps express, a pending one, and the last error.
+    pub config: ConfigStatus,
     /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
     /// `icmp_*`).
     pub counters: BTreeMap<String, u64>,
@@ -73,6 +76,7 @@ pub struct Inputs<'a> {
     pub applied: &'a Applied,
     pub attached: bool,
     pub ready: bool,
+    pub config_status: &'a ConfigStatus,
     /// New-flow counts at the previous scrape, for the skew window.
     pub previous_new_flows: &'a BTreeMap<(VipKey, IpAddr), u64>,
 }
@@ -149,6 +153,7 @@ pub fn build(i: &Inputs) -> Status {
         xdp_mode: i.config.xdp_mode,
         attached: i.attached,
         ready: i.ready,
+        config: i.config_status.clone(),
         counters,
         vips,
     }
@@ -207,6 +212,13 @@ pub fn render(s: &Status) -> String {
         },
         if s.ready { "ready" } else { "not ready" }
     );
+    out += &format!("config sha256 {}\n", s.config.applied_sha256);
+    if let Some(pending) = &s.config.pending_sha256 {
+        out += &format!("pending config sha256 {pending} (being retried)\n");
+    }
+    if let Some(e) = &s.config.last_error {
+        out += &format!("last reload error: {e}\n");
+    }
     for v in &s.vips {
         let enabled = v
             .backends
