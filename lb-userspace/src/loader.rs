@@ -264,6 +264,10 @@ pub fn remove_pins(pin_dir: &Path) -> Result<bool, LoadError> {
 
 /// [`remove_pins`] for a program whose maps are `maps`.
 pub fn remove_pins_of(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoadError> {
+    // Unpinning alone detaches only when the kernel drops the link's last
+    // reference, which may come a moment after `lb stop` returns; detaching
+    // first makes the program leave the interface before we answer.
+    detach_link(&link_pin(pin_dir));
     let mut found = false;
     let files = std::iter::once(link_pin(pin_dir)).chain(maps.iter().map(|m| map_pin(pin_dir, m)));
     for path in files {
@@ -278,6 +282,45 @@ pub fn remove_pins_of(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoadError> 
         let _ = std::fs::remove_dir(dir);
     }
     Ok(found)
+}
+
+/// Detaches the pinned link at `path` from its interface (BPF_LINK_DETACH,
+/// Linux 5.9), leaving the pin for the caller to remove. Best effort: a
+/// missing pin or an older kernel leaves detaching to the unpin.
+fn detach_link(path: &Path) {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 2];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: attr is a zeroed bpf_attr prefix of the size passed; pathname
+    // points at a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    // bpf_attr for BPF_LINK_DETACH: link_fd.
+    let detach = [fd as u32, 0];
+    // SAFETY: a bpf_attr prefix of the size passed; fd is ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_ptr(),
+            size_of_val(&detach),
+        );
+        libc::close(fd as libc::c_int);
+    }
 }
 
 #[cfg(test)]
