@@ -217,6 +217,8 @@ fn decap_refuses_a_pinned_map_of_another_layout() {
     }
     let ns = Netns::new("pin").unwrap();
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(ns.name());
+    // The map is pinned before any lb runs, so mount bpffs as lb would.
+    lb_userspace::pins::ensure_bpffs(&pin).expect("a bpffs at /sys/fs/bpf");
     let _cleanup = RemoveOnDrop(pin.clone());
     std::fs::create_dir_all(pin.join("maps")).unwrap();
     pin_hash_map(&pin.join("maps").join("DECAP_ADDRS"), 4, 1);
