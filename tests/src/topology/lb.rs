@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_userspace::config::Config;
+use lb_userspace::{config::Config, status::Status};
 
 use super::process::LbCommand;
 use crate::netns::Netns;
@@ -82,14 +82,15 @@ impl LbProcess {
         &self.pin
     }
 
-    /// Writes `config` (plus this instance's pin_path) where `lb` reads it.
-    pub fn write_config(&self, config: &str) -> anyhow::Result<()> {
+    /// Writes `config` (plus this instance's pin_path) where `lb` reads it;
+    /// returns the text written.
+    pub fn write_config(&self, config: &str) -> anyhow::Result<String> {
         let text = format!("{}\npin_path: {}\n", config.trim_end(), self.pin.display());
         // Write then rename, so lb never reads a half-written file.
         let tmp = self.dir.join("lb.yaml.new");
-        std::fs::write(&tmp, text)?;
+        std::fs::write(&tmp, &text)?;
         std::fs::rename(&tmp, self.config_path())?;
-        Ok(())
+        Ok(text)
     }
 
     /// Starts `lb run`; see [`wait_ready`](Self::wait_ready).
@@ -114,6 +115,43 @@ impl LbProcess {
         let pid = self.lb.pid().context("lb is not running")?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
         Ok(())
+    }
+
+    /// `GET /status`, asked from inside lb's namespace.
+    pub fn status(&self) -> anyhow::Result<Status> {
+        let url = format!("http://{}/status", self.admin_address()?);
+        crate::netns::enter_named(self.lb.netns(), move || -> anyhow::Result<Status> {
+            let answer = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .get(&url)
+                .call()?;
+            Ok(answer.into_json()?)
+        })?
+    }
+
+    /// Writes `config`, sends SIGHUP and waits (on `/status`) until lb
+    /// either applied it (its SHA-256 is the applied config's) or rejected
+    /// it (one more reload failure; the error is returned).
+    pub fn reload(&self, config: &str) -> anyhow::Result<Result<(), String>> {
+        let failures = self.status()?.config.reload_failures;
+        let text = self.write_config(config)?;
+        let wanted = lb_userspace::reload::digest(&text);
+        self.sighup()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status()?;
+            if status.config.applied_sha256 == wanted {
+                return Ok(Ok(()));
+            }
+            if status.config.reload_failures > failures {
+                return Ok(Err(status.config.last_error.unwrap_or_default()));
+            }
+            if Instant::now() > deadline {
+                bail!("no reload within 10s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Asks lb to reload its config.
