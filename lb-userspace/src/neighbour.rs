@@ -23,7 +23,10 @@ use netlink_packet_route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use crate::model::{Neighbour, Neighbours};
+use crate::{
+    config::{Config, Forwarding},
+    model::{Neighbour, Neighbours},
+};
 
 /// The RFC 863 discard port: a datagram there is harmless (at most an ICMP
 /// port-unreachable comes back) and is enough to trigger ARP or NDP.
@@ -302,6 +305,42 @@ impl Wanted {
     pub fn all(&self) -> impl Iterator<Item = &IpAddr> {
         self.direct.iter().chain(&self.routed)
     }
+
+    /// The backends of `config`, by how they are reached.
+    pub fn of(config: &Config) -> Wanted {
+        let mut w = Wanted::default();
+        for v in &config.vips {
+            let list = match v.forwarding {
+                Forwarding::L2 => &mut w.direct,
+                Forwarding::Ipip => &mut w.routed,
+            };
+            list.extend(v.backends.iter().map(|b| b.address));
+        }
+        for list in [&mut w.direct, &mut w.routed] {
+            list.sort();
+            list.dedup();
+        }
+        w
+    }
+}
+
+/// Logs the backends whose MAC was resolved, changed or lost.
+pub fn log_changes(old: &Neighbours, new: &Neighbours) {
+    for (addr, n) in new {
+        if old.get(addr) != Some(n) {
+            tracing::info!(backend = %addr, mac = %mac(&n.mac), ifindex = n.ifindex, "backend MAC resolved");
+        }
+    }
+    for addr in old.keys().filter(|a| !new.contains_key(a)) {
+        tracing::warn!(backend = %addr, "backend MAC lost");
+    }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -32,7 +32,7 @@ use crate::{
     loader::{self, Attached},
     metrics::Metrics,
     model::{Health, Neighbours},
-    neighbour::{NeighbourTable, Wanted},
+    neighbour::{self, NeighbourTable, Wanted},
     reconcile::{ReconcileError, Reconciler, Swap, backend_keys},
     reload::{self, ConfigStatus, Watch},
     status::{self, Status},
@@ -141,7 +141,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     };
 
     let table = NeighbourTable::connect().context("opening netlink")?;
-    let wanted = wanted(&config);
+    let wanted = Wanted::of(&config);
     let neighbours = table.resolve(&wanted, RESOLVE_PATIENCE).await?;
     for addr in wanted.all().filter(|a| !neighbours.contains_key(a)) {
         warn!(backend = %addr, "MAC not resolved yet; packets for it are dropped until it is");
@@ -522,9 +522,9 @@ impl Daemon {
     }
 
     async fn refresh_neighbours(&mut self) {
-        match self.table.refresh(&wanted(self.target())).await {
+        match self.table.refresh(&Wanted::of(self.target())).await {
             Ok(fresh) if fresh != self.neighbours => {
-                log_changes(&self.neighbours, &fresh);
+                neighbour::log_changes(&self.neighbours, &fresh);
                 self.neighbours = fresh;
                 self.converge(&[]).await;
             }
@@ -570,39 +570,4 @@ fn interface_exists(name: &str) -> Option<bool> {
         return Some(true);
     }
     (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)).then_some(false)
-}
-
-/// The backends to resolve, by how they are reached.
-fn wanted(config: &Config) -> Wanted {
-    let mut w = Wanted::default();
-    for v in &config.vips {
-        let list = match v.forwarding {
-            config::Forwarding::L2 => &mut w.direct,
-            config::Forwarding::Ipip => &mut w.routed,
-        };
-        list.extend(v.backends.iter().map(|b| b.address));
-    }
-    for list in [&mut w.direct, &mut w.routed] {
-        list.sort();
-        list.dedup();
-    }
-    w
-}
-
-fn log_changes(old: &Neighbours, new: &Neighbours) {
-    for (addr, n) in new {
-        if old.get(addr) != Some(n) {
-            info!(backend = %addr, mac = %mac(&n.mac), ifindex = n.ifindex, "backend MAC resolved");
-        }
-    }
-    for addr in old.keys().filter(|a| !new.contains_key(a)) {
-        warn!(backend = %addr, "backend MAC lost");
-    }
-}
-
-fn mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }

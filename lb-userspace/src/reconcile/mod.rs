@@ -11,6 +11,8 @@ mod applied;
 mod entries;
 mod ids;
 mod plan;
+mod room;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -28,15 +30,17 @@ pub use self::{
     applied::{Applied, AppliedVip, SWAP_GRACE},
     ids::ID_QUARANTINE,
     plan::{VipPlan, backend_keys, plan, plan_vip},
+    tables::TableJob,
 };
 use self::{
     entries::{BackendFacts, backend_entry},
     ids::Ids,
+    room::no_room_message,
 };
 use crate::{
     config::{Config, Vip},
     dataplane::{Dataplane, DataplaneError, VipFilter},
-    maglev::{self, Weighted},
+    maglev,
     model::{Health, Neighbours, is_up},
 };
 
@@ -68,19 +72,6 @@ pub enum ReconcileError {
     Layout { found: u32, wanted: u32 },
 }
 
-fn no_room_message(what: &str, needed: u32, free: u32, quarantined: u32, capacity: u32) -> String {
-    let mut m = format!(
-        "the change needs {needed} new {what} ids, {free} are free (capacity {capacity}); nothing was applied"
-    );
-    if quarantined > 0 {
-        m += &format!(
-            "; {quarantined} more are free again once packets can no longer hold them (within {} ms)",
-            ID_QUARANTINE.as_millis()
-        );
-    }
-    m
-}
-
 impl ReconcileError {
     /// When the same change may succeed if tried again: `None` for a change
     /// that can never apply (it is wrong, not unlucky).
@@ -110,34 +101,6 @@ impl PartialEq for Swap {
         (self.vip, &self.name, self.members, self.all_down)
             == (other.vip, &other.name, other.members, other.all_down)
     }
-}
-
-/// The input of one Maglev table: build it anywhere with
-/// [`TableJob::build`] and hand the result to
-/// [`Reconciler::provide_tables`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TableJob {
-    pub members: Vec<Weighted>,
-    pub size: u32,
-    pub seed: u32,
-}
-
-impl TableJob {
-    /// The table, and how long building it took.
-    pub fn build(&self) -> (maglev::Table, Duration) {
-        let started = Instant::now();
-        let table = maglev::build(&self.members, self.size, self.seed);
-        (table, started.elapsed())
-    }
-}
-
-/// A new VIP key taking over the id of a removed one.
-#[derive(Debug, Clone, Copy)]
-struct Move {
-    old: VipKey,
-    new: VipKey,
-    /// The same VIP (by name) at a new address, port or protocol.
-    same_vip: bool,
 }
 
 /// The single writer of the maps, over dataplane `D`.
@@ -258,41 +221,6 @@ impl<D: Dataplane> Reconciler<D> {
             .min()
     }
 
-    /// The tables an [`apply`](Self::apply) of `config` with `health` would
-    /// build now. Building is the slow part of a change (milliseconds per
-    /// VIP at large table sizes), so the daemon builds them on other
-    /// threads and hands them in; `apply` builds any it was not given.
-    pub fn tables_needed(&self, config: &Config, health: &Health) -> Vec<TableJob> {
-        config
-            .vips
-            .iter()
-            .filter_map(|vip| {
-                let members = plan_vip(vip, |a| is_up(health, vip.key, a)).members;
-                let current = self.applied.vips.get(&vip.key);
-                let built = current
-                    .is_some_and(|a| a.members.as_ref() == Some(&members) && a.seed == config.seed);
-                (!built).then_some(TableJob {
-                    members,
-                    size: self.table_size,
-                    seed: config.seed,
-                })
-            })
-            .collect()
-    }
-
-    /// Tables built from [`tables_needed`](Self::tables_needed), for the
-    /// next apply.
-    pub fn provide_tables(
-        &mut self,
-        tables: impl IntoIterator<Item = (TableJob, maglev::Table, Duration)>,
-    ) {
-        self.prebuilt.extend(
-            tables
-                .into_iter()
-                .map(|(job, table, took)| (job, (table, took))),
-        );
-    }
-
     /// Makes the maps express `config` with `health` and the MACs in
     /// `neighbours`. Returns the VIPs whose table was swapped.
     ///
@@ -342,123 +270,6 @@ impl<D: Dataplane> Reconciler<D> {
                 loaded: self.table_size,
                 new: config.table_size,
             });
-        }
-        Ok(())
-    }
-
-    /// New VIPs that take over the id of a VIP this change removes, as
-    /// (old key, new key, same VIP). A VIP whose address, port or protocol
-    /// changed is found by its name and keeps its backends' ids too; other
-    /// new VIPs take the ids of other removed ones. Either way no id waits
-    /// for its quarantine: a table is written only into the half the old
-    /// entry did not point at, after its grace, so a packet still reading
-    /// the old VIP's table is undisturbed. A change at full capacity thus
-    /// still applies whole.
-    fn moved_vips(&self, config: &Config, wanted: &BTreeSet<VipKey>) -> Vec<Move> {
-        let mut gone: Vec<(&VipKey, &AppliedVip)> = self
-            .applied
-            .vips
-            .iter()
-            .filter(|(k, _)| !wanted.contains(k))
-            .collect();
-        let mut added: Vec<&Vip> = config
-            .vips
-            .iter()
-            .filter(|v| !self.applied.vips.contains_key(&v.key))
-            .collect();
-        let mut moves = Vec::new();
-        added.retain(|v| match gone.iter().position(|(_, a)| a.name == v.name) {
-            Some(i) => {
-                let (old, _) = gone.remove(i);
-                moves.push(Move {
-                    old: *old,
-                    new: v.key,
-                    same_vip: true,
-                });
-                false
-            }
-            None => true,
-        });
-        moves.extend(added.iter().zip(&gone).map(|(v, (old, _))| Move {
-            old: **old,
-            new: v.key,
-            same_vip: false,
-        }));
-        moves
-    }
-
-    /// Refuses, before anything is written, a change that needs more new
-    /// VIP or backend ids than are free now: it is applied whole or not at
-    /// all. A VIP's removed backends lend their ids to its added ones (see
-    /// [`backend_id`](Self::backend_id)); ids of other VIPs' removed
-    /// backends wait for their quarantine, so they do not count.
-    fn check_room(&mut self, config: &Config, moves: &[Move]) -> Result<(), ReconcileError> {
-        let new_vips = config
-            .vips
-            .iter()
-            .filter(|v| !self.applied.vips.contains_key(&v.key))
-            .count()
-            - moves.len();
-        let mut new_backends = 0;
-        for v in &config.vips {
-            let had = moves
-                .iter()
-                .find(|m| m.new == v.key && m.same_vip)
-                .map_or(v.key, |m| m.old);
-            let kept = v
-                .backends
-                .iter()
-                .filter(|b| self.applied.backend_id(&had, b.address).is_some())
-                .count();
-            let had_count = self.applied.backend_ids(&had).count();
-            new_backends += (v.backends.len() - kept).saturating_sub(had_count - kept);
-        }
-        let now = Instant::now();
-        for (pool, needed) in [
-            (&mut self.ids.vips, new_vips),
-            (&mut self.ids.backends, new_backends),
-        ] {
-            let needed = needed as u32;
-            let room = pool.room(now);
-            if needed > room.free {
-                return Err(ReconcileError::NoRoom {
-                    what: pool.what(),
-                    needed,
-                    free: room.free,
-                    quarantined: room.quarantined,
-                    capacity: pool.capacity(),
-                    retry_at: room
-                        .all_free_at
-                        .filter(|_| needed <= room.free + room.quarantined),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Re-keys each moved VIP: the old key leaves the VIP map and the new
-    /// VIP takes over its id; its table is rebuilt (into the other half,
-    /// after the grace), and only then is the new key written. A VIP that
-    /// only changed address keeps its backends' ids; another VIP's backends
-    /// are released, and its counters start from zero.
-    fn move_vips(&mut self, moves: &[Move]) -> Result<(), ReconcileError> {
-        for m in moves {
-            self.dp.remove_vip(m.old)?;
-            let Some(mut a) = self.applied.vips.remove(&m.old) else {
-                continue;
-            };
-            a.members = None;
-            if m.same_vip {
-                let ids: Vec<(IpAddr, u32)> = self.applied.backend_ids(&m.old).collect();
-                for (addr, id) in ids {
-                    self.applied.backend_ids.remove(&(m.old, addr));
-                    self.applied.backend_ids.insert((m.new, addr), id);
-                }
-            } else {
-                self.dp.zero_traffic(Some(a.id()), None)?;
-                self.release_backends(|(k, _)| *k == m.old)?;
-            }
-            self.applied.vips.insert(m.new, a);
         }
         Ok(())
     }

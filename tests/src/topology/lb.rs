@@ -28,6 +28,8 @@ pub struct LbProcess {
     lb: LbCommand,
     dir: PathBuf,
     pin: PathBuf,
+    /// Where its admin listener is reached (fixed while lb runs).
+    admin: SocketAddr,
 }
 
 impl LbProcess {
@@ -39,8 +41,10 @@ impl LbProcess {
             lb: LbCommand::new(ns.name(), dir.join("lb.log")),
             pin: PathBuf::from("/sys/fs/bpf").join(ns.name()),
             dir,
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         };
         lb.write_config(config)?;
+        lb.admin = lb.admin_address()?;
         lb.spawn()?;
         Ok(lb)
     }
@@ -54,7 +58,7 @@ impl LbProcess {
     /// Waits until lb's admin listener answers `GET /ready` with 200: its
     /// program is attached and the config applied.
     pub fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let url = format!("http://{}/ready", self.admin_address()?);
+        let url = format!("http://{}/ready", self.admin);
         self.lb.wait_until("lb is ready", READY_TIMEOUT, |lb| {
             answers_200(lb.netns(), &url)
         })
@@ -62,6 +66,7 @@ impl LbProcess {
 
     /// Where lb's admin listener is reached from inside its namespace: the
     /// configured `admin.listen`, through loopback when that is a wildcard.
+    /// Read at start: later files may be invalid on purpose.
     fn admin_address(&self) -> anyhow::Result<SocketAddr> {
         let config = Config::load(&self.config_path())?;
         let mut admin = config.admin_listen;
@@ -119,7 +124,7 @@ impl LbProcess {
 
     /// `GET /status`, asked from inside lb's namespace.
     pub fn status(&self) -> anyhow::Result<Status> {
-        let url = format!("http://{}/status", self.admin_address()?);
+        let url = format!("http://{}/status", self.admin);
         crate::netns::enter_named(self.lb.netns(), move || -> anyhow::Result<Status> {
             let answer = ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(5))
