@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{HashMap, PerCpuArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use lb_common::{
     addr_key,
@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_userspace::loader::DECAP_OBJECT;
 
-use crate::{packet::Outcome, xdp::XdpAction};
+use crate::packet::{Outcome, test_run};
 
 pub struct Decap {
     ebpf: Ebpf,
@@ -47,20 +47,7 @@ impl Decap {
             .program_mut(DECAP_PROGRAM)
             .context("decap program")?
             .try_into()?;
-        let mut out = vec![0u8; frame.len() + 64];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(r.data_size_out as usize);
-        Ok(Outcome {
-            action: XdpAction::from_raw(r.return_value)
-                .with_context(|| format!("verdict {}", r.return_value))?,
-            packet: out,
-        })
+        test_run(prog, frame)
     }
 
     /// Every counter, summed over CPUs, in `DecapStat::ALL` order.

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunOptions},
+    programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
 use lb_common::hash::{flow_hash_v4, flow_hash_v6};
@@ -188,8 +188,13 @@ pub fn apply_settled(
 
 /// Runs one packet once through the load balancer program in `ebpf`.
 pub fn run_packet(ebpf: &mut Ebpf, packet: &[u8]) -> anyhow::Result<Outcome> {
+    test_run(loader::program(ebpf)?, packet)
+}
+
+/// Runs one packet once through `prog` with BPF_PROG_TEST_RUN, with room
+/// for any header the program may add.
+pub fn test_run(prog: &mut Xdp, packet: &[u8]) -> anyhow::Result<Outcome> {
     let mut out = vec![0u8; packet.len() + 256];
-    let prog = loader::program(ebpf)?;
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(packet),
