@@ -32,6 +32,10 @@ enum Command {
         /// On SIGINT/SIGTERM, detach and remove the pinned maps too.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Pin even into a bpffs that dies with this process (under a /sys
+        /// private to its mount namespace, as `ip netns exec` makes).
+        #[arg(long)]
+        allow_private_pins: bool,
     },
     /// Detach the program and remove the pinned maps of a config's instance.
     Stop {
@@ -57,6 +61,9 @@ enum Command {
         /// Detach a running decap (from an earlier `lb decap`) and exit.
         #[arg(long)]
         stop: bool,
+        /// As for `lb run`.
+        #[arg(long)]
+        allow_private_pins: bool,
     },
     /// Show the running instance's VIPs, backends and counters.
     Status {
@@ -98,7 +105,15 @@ fn main() -> ExitCode {
             pin_path,
             detach_on_exit,
             stop,
-        } => decap(interface, &xdp_mode, pin_path, detach_on_exit, stop),
+            allow_private_pins,
+        } => decap(
+            interface,
+            &xdp_mode,
+            pin_path,
+            detach_on_exit,
+            stop,
+            allow_private_pins,
+        ),
         Command::Status {
             admin,
             config,
@@ -168,6 +183,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             detach_on_exit,
+            allow_private_pins,
         } => {
             let c = match Config::load(&config) {
                 Ok(c) => c,
@@ -186,6 +202,9 @@ fn main() -> ExitCode {
                     });
                 }
             };
+            if let Err(code) = check_pin_mount(&c.pin_path, allow_private_pins) {
+                return code;
+            }
             let options = lb_userspace::run::Options {
                 config_path: config,
                 detach_on_exit,
@@ -195,12 +214,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// Refuses a `pin_path` on a bpffs that would vanish when `lb` exits, unless
+/// the operator accepts that.
+fn check_pin_mount(pin_path: &std::path::Path, allow: bool) -> Result<(), ExitCode> {
+    let Some(source) = lb_userspace::pins::private_sysfs_under(pin_path) else {
+        return Ok(());
+    };
+    if allow {
+        eprintln!(
+            "lb: warning: pin_path {} is on a bpffs private to this process (sysfs `{source}`); \
+             pins vanish when lb exits",
+            pin_path.display()
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "lb: pin_path {} lies under a /sys private to this process's mount namespace \
+         (sysfs `{source}`, as `ip netns exec` sets up): a bpffs there vanishes when lb exits, \
+         so forwarding would stop after a crash and a restart could adopt nothing. \
+         Start lb with `nsenter --net=/var/run/netns/NAME` (it keeps the host's mounts), \
+         or set pin_path to a host bpffs outside /sys; --allow-private-pins accepts the loss.",
+        pin_path.display()
+    );
+    Err(ExitCode::FAILURE)
+}
+
 fn decap(
     interface: String,
     xdp_mode: &str,
     pin_path: Option<PathBuf>,
     detach_on_exit: bool,
     stop: bool,
+    allow_private_pins: bool,
 ) -> ExitCode {
     let pin_path = pin_path.unwrap_or_else(|| lb_userspace::decap::default_pin_path(&interface));
     if stop {
@@ -234,6 +279,9 @@ fn decap(
         eprintln!("lb decap: --interface `{interface}` does not exist on this host");
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
+    if let Err(code) = check_pin_mount(&pin_path, allow_private_pins) {
+        return code;
+    }
     let options = lb_userspace::decap::Options {
         interface,
         mode,

@@ -159,6 +159,34 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     })
 }
 
+/// When `dir` lies under a `/sys` that is private to this process's mount
+/// namespace, the name of that sysfs's source. `ip netns exec` gives its
+/// command such a `/sys` (a sysfs of the network namespace, mounted in a
+/// mount namespace of its own): a bpffs `lb` mounts under it vanishes with
+/// the process, and with it every pin a restart should adopt.
+pub fn private_sysfs_under(dir: &Path) -> Option<String> {
+    if !dir.starts_with("/sys") {
+        return None;
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    private_sysfs(&mountinfo)
+}
+
+/// The source of the last sysfs mounted on `/sys` in `mountinfo`, unless it
+/// is the host's (source `sysfs`).
+fn private_sysfs(mountinfo: &str) -> Option<String> {
+    // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [TAGS...] - FSTYPE SOURCE SUPER"
+    let (fstype, source) = mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some("/sys"))
+        .filter_map(|l| {
+            let mut after = l.split(" - ").nth(1)?.split(' ');
+            Some((after.next()?, after.next()?))
+        })
+        .next_back()?;
+    (fstype == "sysfs" && source != "sysfs").then(|| source.to_owned())
+}
+
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -202,6 +230,16 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
+
+    #[test]
+    fn a_sysfs_of_ip_netns_exec_is_private_and_the_hosts_is_not() {
+        let host = "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                    23 22 0:22 / /sys/fs/bpf rw shared:8 - bpf bpf rw,mode=700\n";
+        assert_eq!(private_sysfs(host), None);
+        let netns_exec = format!("{host}301 280 0:70 / /sys rw,relatime - sysfs lbt-1-lb rw\n");
+        assert_eq!(private_sysfs(&netns_exec).as_deref(), Some("lbt-1-lb"));
+        assert_eq!(private_sysfs("1 0 8:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
 
     fn dir(uid: u32, mode: u32) -> Entry {
         Entry {

@@ -454,3 +454,75 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+#[test]
+fn under_ip_netns_exec_lb_refuses_pins_that_would_vanish_unless_allowed() {
+    if !root_or_skip("under_ip_netns_exec_lb_refuses_pins_that_would_vanish_unless_allowed") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topology = L2Topology::new(&["b1"]).unwrap();
+    let pin = pin_path_of(&topology);
+    let _cleanup = Prepared(pin.clone());
+    let dir = std::env::temp_dir().join(format!("{}-private", topology.lb.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _scratch = ScratchDir(dir.clone());
+    let file = dir.join("lb.yaml");
+    std::fs::write(
+        &file,
+        format!("{}pin_path: {}\n", config(&[1]), pin.display()),
+    )
+    .unwrap();
+    let lb = lb_binary().unwrap();
+    // `ip netns exec` gives lb a /sys of its own; bounded by `timeout`.
+    let run = |extra: &[&str], seconds: &str| {
+        Command::new("timeout")
+            .args([seconds, "ip", "netns", "exec", topology.lb.name()])
+            .arg(&lb)
+            .args(["run", "--config"])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    let refused = run(&[], "20");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "refused at once:\n{stderr}");
+    assert!(
+        stderr.contains("private to this process") && stderr.contains("nsenter --net="),
+        "says why and what to do:\n{stderr}"
+    );
+    assert!(!pin.join("link").exists(), "nothing pinned");
+
+    // Allowed: it runs (until `timeout` ends it), warning that its pins
+    // die with it; afterwards the host's bpffs holds none of them and the
+    // program is gone with its private pins.
+    let allowed = run(&["--allow-private-pins"], "6");
+    let stderr = String::from_utf8_lossy(&allowed.stderr);
+    assert_eq!(
+        allowed.status.code(),
+        Some(124),
+        "ran until stopped:\n{stderr}"
+    );
+    assert!(stderr.contains("pins vanish when lb exits"), "{stderr}");
+    assert!(stderr.contains("attached"), "{stderr}");
+    assert!(
+        !pin.join("link").exists(),
+        "no pin reached the host's bpffs"
+    );
+    let link = topology.lb.ip(&["link", "show", "eth0"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "the program left with its private pins"
+    );
+}
+
+/// Removes a scratch directory on drop, also when the test fails.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
