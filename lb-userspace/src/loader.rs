@@ -175,6 +175,9 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
     Fresh,
+    /// The pinned link's interface was gone or re-created (the kernel
+    /// severs such a link): a new link replaced it.
+    Renewed,
     /// The pinned link now runs this process's program; it was replaced
     /// atomically, so no packet went unprocessed.
     Replaced,
@@ -203,13 +206,29 @@ pub fn attach_program(
         path: path.clone(),
         source,
     };
+    let mut renewed = false;
     if path.exists() {
         let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
         let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-        let id = prog.attach_to_link(link)?;
-        // The pin keeps the link alive; this process needs no handle on it.
-        drop(prog.take_link(id)?);
-        return Ok(Attached::Replaced);
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                // The pin keeps the link alive; this process needs no handle
+                // on it.
+                drop(prog.take_link(id)?);
+                return Ok(Attached::Replaced);
+            }
+            // The interface the link was made for is gone: nothing runs
+            // through it any more, so a new link takes its pin.
+            Err(e) if severed(&e) => {
+                tracing::warn!(link = %path.display(), "the pinned link's interface is gone or was re-created; attaching a new link");
+                std::fs::remove_file(&path).map_err(|source| LoadError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                renewed = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let id = prog.attach_to_if_index(ifindex, mode)?;
     let link: FdLink = prog.take_link(id)?.try_into().map_err(link_err)?;
@@ -217,7 +236,25 @@ pub fn attach_program(
         path: path.clone(),
         source: io::Error::other(e.to_string()),
     })?;
-    Ok(Attached::Fresh)
+    Ok(if renewed {
+        Attached::Renewed
+    } else {
+        Attached::Fresh
+    })
+}
+
+/// Whether `e` says the link was severed from its interface (ENOLINK).
+fn severed(e: &ProgramError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::ENOLINK)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Removes what a start pinned under a pin directory that held nothing of

@@ -87,7 +87,7 @@ struct Daemon {
     scraped_new_flows: BTreeMap<(VipKey, IpAddr), u64>,
 }
 
-pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Result<()> {
+pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::Result<()> {
     match fd_limit::raise() {
         Ok((soft, _)) => debug!(open_files = soft, "open-file limit"),
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
@@ -250,7 +250,16 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             }
             _ = refresh.tick() => {
                 d.refresh_neighbours().await;
-                d.check_attachment(&pin, leave_at.is_some());
+                if let Some(index) = d.check_attachment(&pin, ifindex, leave_at.is_some()) {
+                    match loader::attach(&mut ebpf, index, mode, &pin) {
+                        Ok(how) => {
+                            info!(interface = %d.config.interface, ifindex = index, ?how, "attached to the re-created interface; maps and flows kept");
+                            ifindex = index;
+                            d.set_attached(true, false);
+                        }
+                        Err(e) => error!(interface = %d.config.interface, error = %e, "attaching to the re-created interface failed; retrying"),
+                    }
+                }
             }
             _ = counters.tick() => d.log_counters(),
         }
@@ -272,11 +281,20 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
 impl Daemon {
     /// Notices an attachment removed behind our back (`lb stop`, or the
     /// interface deleted), so metrics and `/ready` tell the truth.
-    fn check_attachment(&mut self, pin: &Path, shutting_down: bool) {
-        let Some(exists) = interface_exists(&self.config.interface) else {
-            return;
+    ///
+    /// An interface of the same name that came back under another index
+    /// (a re-created veth, a driver reload) needs a new link: its index is
+    /// returned for the caller to attach to.
+    fn check_attachment(&mut self, pin: &Path, ifindex: u32, shutting_down: bool) -> Option<u32> {
+        let Some(index) = interface_index(&self.config.interface) else {
+            return None;
         };
-        let attached = loader::link_is_pinned(pin) && exists;
+        let attached = loader::link_is_pinned(pin) && index == Some(ifindex);
+        self.set_attached(attached, shutting_down);
+        index.filter(|&i| i != ifindex && !shutting_down)
+    }
+
+    fn set_attached(&mut self, attached: bool, shutting_down: bool) {
         if attached != self.attached {
             if attached {
                 info!(interface = %self.config.interface, "attachment is back");
@@ -559,15 +577,16 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Whether interface `name` exists; `None` when the kernel could not be
-/// asked (the query needs a socket, and descriptors can run out).
-fn interface_exists(name: &str) -> Option<bool> {
+/// The index of interface `name` (`Some(None)` when there is none); `None`
+/// when the kernel could not be asked (the query needs a socket, and
+/// descriptors can run out).
+fn interface_index(name: &str) -> Option<Option<u32>> {
     let Ok(c) = std::ffi::CString::new(name) else {
-        return Some(false);
+        return Some(None);
     };
     // SAFETY: a valid NUL-terminated string for the duration of the call.
-    if unsafe { libc::if_nametoindex(c.as_ptr()) } != 0 {
-        return Some(true);
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)).then_some(None),
+        index => Some(Some(index)),
     }
-    (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODEV)).then_some(false)
 }

@@ -598,3 +598,82 @@ fn ipv6_vip_survives_kill_9_restarts_and_fails_over_on_health() {
         "b2's server accepted nothing new while it was down"
     );
 }
+
+/// Waits (at most 10 s) until the load balancer's eth0 runs an XDP program
+/// again and lb says it is attached and ready.
+fn wait_attached(topo: &L2Topology, lb: &LbProcess) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let has_program = || {
+        topo.lb
+            .ip(&["link", "show", "eth0"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("xdp"))
+    };
+    while !(has_program() && lb.status().is_ok_and(|s| s.attached && s.ready)) {
+        assert!(
+            Instant::now() < deadline,
+            "not attached again:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The load balancer's interface deleted and re-created (a new ifindex, no
+/// program on it) under 100 long-lived connections: first with lb running
+/// (it notices, reports itself not attached, and attaches a new link), then
+/// with lb stopped (the next lb finds the pinned link severed and replaces
+/// it). Maps and the flow table stay: no long-lived connection breaks.
+#[test]
+fn a_re_created_interface_gets_the_program_back_with_its_flows() {
+    if !root_or_skip("a_re_created_interface_gets_the_program_back_with_its_flows") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut topo = L2Topology::new(&["b1", "b2", "b3"]).unwrap();
+    let mut lb = topo
+        .start_lb(&config(
+            VIP.into(),
+            &[(0, 1, "active"), (1, 1, "active"), (2, 1, "active")],
+            &health_port_check(),
+            "fail_open",
+        ))
+        .unwrap();
+    let conns = LongLived::open(&topo.client, WEB, 100).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // With lb running.
+    topo.recreate_lb_interface().unwrap();
+    wait_attached(&topo, &lb);
+    assert!(
+        lb.log().contains("attached to the re-created interface"),
+        "{}",
+        lb.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // With lb stopped: the pinned link is severed meanwhile.
+    lb.kill9().unwrap();
+    topo.recreate_lb_interface().unwrap();
+    lb.restart().unwrap();
+    assert!(
+        lb.log().contains("attaching a new link"),
+        "the severed link was replaced:\n{}",
+        lb.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let report = conns.finish();
+    println!(
+        "interface re-created twice: {} long-lived connections, {} broken",
+        report.len(),
+        broken(&report).len()
+    );
+    assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
+    let tally = topo
+        .client
+        .enter(|| lb_tests::traffic::tcp_connections(WEB, 50))
+        .unwrap();
+    assert_eq!(
+        tally.failures, 0,
+        "new connections after the second re-creation"
+    );
+}

@@ -79,6 +79,27 @@ pub(super) fn load_balancer(front: &Netns) -> anyhow::Result<(Netns, Ebpf)> {
     Ok((lb, peer_pass))
 }
 
+/// Deletes the load balancer's `eth0` (both ends of its veth, its XDP
+/// program with it) and plugs a new one with the same MAC and addresses, as
+/// a driver reload or a re-created interface would leave it. Returns the new
+/// bridge port's XDP_PASS program.
+pub(super) fn replug_load_balancer(front: &Netns, lb: &Netns) -> anyhow::Result<Ebpf> {
+    let mac = lb_mac(lb)?;
+    lb.ip(&["link", "del", "eth0"])?;
+    plug(front, lb, "p-lb", LB, LB6)?;
+    lb.ip(&["link", "set", "eth0", "address", &mac])?;
+    front.enter(|| attach_pass("p-lb"))?
+}
+
+fn lb_mac(lb: &Netns) -> anyhow::Result<String> {
+    let out = lb.ip(&["-j", "link", "show", "eth0"])?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    links[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .context("eth0 has no MAC")
+}
+
 /// The router between the `front` segment and a new back one, for the
 /// routed layouts; `hosts` (the client and the load balancer) get routes to
 /// the backends' subnets via it. Returns the router and the back segment's

@@ -101,6 +101,14 @@ impl Topology {
         Self::build(backend_names, Layout::RoutedViaLinkLocal)
     }
 
+    /// Deletes the load balancer's interface and plugs a new one of the
+    /// same name, MAC and addresses (a re-created veth: a new ifindex, no
+    /// XDP program on it).
+    pub fn recreate_lb_interface(&mut self) -> anyhow::Result<()> {
+        self._peer_pass = build::replug_load_balancer(&self._switches[0], &self.lb)?;
+        Ok(())
+    }
+
     /// Builds the topology with one backend per name, each running a TCP
     /// server on port 80 and UDP servers on VIP:5353 and [VIP6]:5353 that
     /// answer with the backend's name, in both families.
