@@ -286,9 +286,8 @@ impl Daemon {
     /// (a re-created veth, a driver reload) needs a new link: its index is
     /// returned for the caller to attach to.
     fn check_attachment(&mut self, pin: &Path, ifindex: u32, shutting_down: bool) -> Option<u32> {
-        let Some(index) = interface_index(&self.config.interface) else {
-            return None;
-        };
+        // Unknown (no descriptor to ask with): keep the last state.
+        let index = interface_index(&self.config.interface)?;
         let attached = loader::link_is_pinned(pin) && index == Some(ifindex);
         self.set_attached(attached, shutting_down);
         index.filter(|&i| i != ifindex && !shutting_down)
