@@ -668,10 +668,7 @@ fn a_re_created_interface_gets_the_program_back_with_its_flows() {
         broken(&report).len()
     );
     assert!(broken(&report).is_empty(), "broken: {:?}", broken(&report));
-    let tally = topo
-        .client
-        .enter(|| lb_tests::traffic::tcp_connections(WEB, 50))
-        .unwrap();
+    let tally = topo.client.enter(|| tcp_connections(WEB, 50)).unwrap();
     assert_eq!(
         tally.failures, 0,
         "new connections after the second re-creation"
