@@ -9,7 +9,7 @@
 //! up the answer.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -130,8 +130,10 @@ impl NeighbourTable {
         wanted: &[IpAddr],
     ) -> Result<BTreeMap<(IpAddr, u32), Entry>, NeighbourError> {
         let mut found = BTreeMap::new();
+        // Looked up once per neighbour entry: thousands of backends.
+        let wanted: BTreeSet<IpAddr> = wanted.iter().copied().collect();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            self.dump(family, wanted, &mut found).await?;
+            self.dump(family, &wanted, &mut found).await?;
         }
         Ok(found)
     }
@@ -139,7 +141,7 @@ impl NeighbourTable {
     async fn dump(
         &self,
         family: AddressFamily,
-        wanted: &[IpAddr],
+        wanted: &BTreeSet<IpAddr>,
         found: &mut BTreeMap<(IpAddr, u32), Entry>,
     ) -> Result<(), NeighbourError> {
         let mut dump = self

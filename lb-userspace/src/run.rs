@@ -33,7 +33,7 @@ use crate::{
     metrics::Metrics,
     model::{Health, Neighbours},
     neighbour::{self, NeighbourTable, Wanted},
-    reconcile::{ReconcileError, Reconciler, Swap, backend_keys},
+    reconcile::{ReconcileError, Reconciler, Swap, TableJob, backend_keys},
     reload::{self, ConfigStatus, Watch},
     status::{self, Status},
     xdp_owner,
@@ -374,19 +374,33 @@ impl Daemon {
         self.pending.as_ref().map_or(&self.config, |p| &p.config)
     }
 
-    /// Builds the tables the next apply needs on blocking threads (both
-    /// cores), so the event loop only writes them.
+    /// Builds the tables the next apply needs on blocking threads, so the
+    /// event loop only writes them. One core is left to the runtime's
+    /// workers (probes, `/ready`): a burst that needs every VIP's table
+    /// must not starve them.
     async fn build_tables(&mut self) {
         let jobs = self.reconciler.tables_needed(self.target(), &self.health);
-        let builds = jobs.into_iter().map(|job| {
+        let builders = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, jobs.len().max(1));
+        let mut shares: Vec<Vec<TableJob>> = vec![Vec::new(); builders];
+        for (i, job) in jobs.into_iter().enumerate() {
+            shares[i % builders].push(job);
+        }
+        let builds = shares.into_iter().map(|share| {
             tokio::task::spawn_blocking(move || {
-                let (table, took) = job.build();
-                (job, table, took)
+                share
+                    .into_iter()
+                    .map(|job| {
+                        let (table, took) = job.build();
+                        (job, table, took)
+                    })
+                    .collect::<Vec<_>>()
             })
         });
         let built = futures::future::join_all(builds).await;
         self.reconciler
-            .provide_tables(built.into_iter().filter_map(Result::ok));
+            .provide_tables(built.into_iter().filter_map(Result::ok).flatten());
     }
 
     /// Makes the maps express the target config with the current health and
