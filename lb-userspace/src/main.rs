@@ -71,6 +71,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run by ExaBGP (a `process`): follow the running lb's /status and
+    /// print `announce route` / `withdraw route` commands for its VIPs.
+    BgpFeed {
+        /// Admin listener to follow (default: the config's admin.listen,
+        /// else 127.0.0.1:9742).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Config whose admin.listen and bgp.feed_grace to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,16 +115,9 @@ fn main() -> ExitCode {
             config,
             json,
         } => {
-            let addr = match (admin, config) {
-                (Some(a), _) => a,
-                (None, Some(path)) => match Config::load(&path) {
-                    Ok(c) => c.admin_listen,
-                    Err(e) => return bad_config(&e),
-                },
-                (None, None) => match config::DEFAULT_ADMIN_LISTEN.parse() {
-                    Ok(a) => a,
-                    Err(_) => return ExitCode::FAILURE,
-                },
+            let addr = match admin_address(admin, config.as_deref()) {
+                Ok((addr, _)) => addr,
+                Err(code) => return code,
             };
             match fetch_status(addr) {
                 Ok(s) if json => {
@@ -126,6 +130,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("lb: asking http://{addr}/status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::BgpFeed { admin, config } => {
+            let (addr, c) = match admin_address(admin, config.as_deref()) {
+                Ok(found) => found,
+                Err(code) => return code,
+            };
+            // Until lb answers with its own: the config's, else the default.
+            let grace = c
+                .and_then(|c| c.bgp)
+                .map_or(lb_userspace::bgp::feed::DEFAULT_GRACE, |b| b.feed_grace);
+            match lb_userspace::bgp::feed::run(addr, grace) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb bgp-feed: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -275,6 +296,26 @@ fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<lb_userspace::stat
         .get(&format!("http://{addr}/status"))
         .call()?
         .into_json()?)
+}
+
+/// The admin listener to ask: `--admin`, else the config's `admin.listen`
+/// (with the config), else the default.
+fn admin_address(
+    admin: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> Result<(std::net::SocketAddr, Option<Config>), ExitCode> {
+    let c = match config.map(Config::load).transpose() {
+        Ok(c) => c,
+        Err(e) => return Err(bad_config(&e)),
+    };
+    let addr = match (admin, &c) {
+        (Some(a), _) => a,
+        (None, Some(c)) => c.admin_listen,
+        (None, None) => config::DEFAULT_ADMIN_LISTEN
+            .parse()
+            .map_err(|_| ExitCode::FAILURE)?,
+    };
+    Ok((addr, c))
 }
 
 fn bad_config(e: &ConfigError) -> ExitCode {

@@ -25,6 +25,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     admin::{self, Admin, Query},
+    bgp::{
+        self, Decider,
+        shutdown::{Shutdown, Step},
+    },
     config::{self, Config},
     dataplane::{Dataplane as _, aya::AyaDataplane},
     fd_limit,
@@ -46,6 +50,9 @@ const RESOLVE_PATIENCE: Duration = Duration::from_secs(3);
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(1);
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often the BGP decisions are taken again (`announce_after` ends
+/// between events too).
+const BGP_DECIDE: Duration = Duration::from_millis(100);
 /// How often the counters are written to the debug log.
 const COUNTER_LOG: Duration = Duration::from_secs(10);
 
@@ -83,6 +90,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     attached: bool,
+    /// Per VIP: announce over BGP or not.
+    bgp: Decider,
     /// New-flow counters at the previous scrape (the skew window's start).
     scraped_new_flows: BTreeMap<(VipKey, IpAddr), u64>,
 }
@@ -171,6 +180,7 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
         metrics,
         ready,
         attached: false,
+        bgp: Decider::default(),
         scraped_new_flows: BTreeMap::new(),
     };
     d.build_tables().await;
@@ -207,9 +217,11 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
     let mut config_poll = tokio::time::interval(CONFIG_POLL);
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut counters = tokio::time::interval(COUNTER_LOG);
-    // Set when a shutdown starts: the loop keeps serving until then.
-    let mut leave_at: Option<tokio::time::Instant> = None;
+    let mut bgp_decide = tokio::time::interval(BGP_DECIDE);
+    // Set when a shutdown starts: the loop keeps serving until it exits.
+    let mut shutdown: Option<Shutdown> = None;
     loop {
+        let next_step = shutdown.map(|s| s.next());
         // Apply again when a VIP whose rebuild came within its retired
         // half's grace may be rebuilt, or when a failed apply is retried.
         let again = [d.reconciler.next_deadline(), d.retry_at]
@@ -218,13 +230,21 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             .min()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            _ = sleep_until(leave_at) => break,
+            _ = sleep_until(next_step.map(|(at, _)| tokio::time::Instant::from_std(at))) => {
+                match (shutdown.as_mut(), next_step) {
+                    (Some(s), Some((_, Step::Withdraw))) => {
+                        d.withdraw_all();
+                        s.done(Step::Withdraw);
+                    }
+                    _ => break,
+                }
+            }
             _ = sleep_until(again) => {
                 d.retry_at = None;
                 d.converge(&[]).await;
             }
-            _ = sigint.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
-            _ = sigterm.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
+            _ = sigint.recv(), if shutdown.is_none() => shutdown = Some(d.begin_shutdown()),
+            _ = sigterm.recv(), if shutdown.is_none() => shutdown = Some(d.begin_shutdown()),
             _ = sighup.recv() => match watch.read_now().await {
                 Ok(text) => d.reload(text, watch.path(), "SIGHUP").await,
                 Err(e) => d.reject("SIGHUP", e),
@@ -250,10 +270,13 @@ pub async fn run(config: Config, ifindex: u32, options: Options) -> anyhow::Resu
             }
             _ = refresh.tick() => {
                 d.refresh_neighbours().await;
-                d.check_attachment(&pin, leave_at.is_some());
+                d.check_attachment(&pin, shutdown.is_some());
             }
             _ = counters.tick() => d.log_counters(),
+            // The decisions are taken below, after every event.
+            _ = bgp_decide.tick() => {}
         }
+        d.decide_bgp();
     }
 
     d.log_counters();
@@ -291,11 +314,38 @@ impl Daemon {
         }
     }
 
-    /// Stops advertising readiness; returns when to leave.
-    fn begin_shutdown(&mut self) -> tokio::time::Instant {
+    /// Stops advertising readiness and drains the announced VIPs (they
+    /// carry GRACEFUL_SHUTDOWN from now on); returns the steps to come.
+    fn begin_shutdown(&mut self) -> Shutdown {
         self.ready.store(false, Ordering::SeqCst);
-        info!(grace = ?self.config.shutdown_grace, "shutting down; /ready now answers 503");
-        tokio::time::Instant::now() + self.config.shutdown_grace
+        let drain = match &self.config.bgp {
+            Some(b) if self.bgp.begin_shutdown() => Some(b.shutdown_delay),
+            _ => None,
+        };
+        self.decide_bgp();
+        info!(grace = ?self.config.shutdown_grace, bgp_drain = ?drain, "shutting down; /ready now answers 503");
+        Shutdown::plan(Instant::now(), drain, self.config.shutdown_grace)
+    }
+
+    /// The end of the drain: every VIP withdrawn.
+    fn withdraw_all(&mut self) {
+        self.bgp.withdraw_all();
+        self.decide_bgp();
+        info!("drain over: every VIP withdrawn");
+    }
+
+    /// Takes the BGP decisions again; logs the VIPs that change.
+    fn decide_bgp(&mut self) {
+        let ready = self.ready.load(Ordering::SeqCst) && self.attached;
+        let fitness = bgp::fitness(&self.config, &self.health, ready);
+        let changed = self
+            .bgp
+            .update(Instant::now(), self.config.bgp.as_ref(), &fitness);
+        for (key, d) in changed {
+            if let Some(v) = self.config.vips.iter().find(|v| v.key == key) {
+                info!(vip = %v.name, announced = d.announced, reason = %d.reason, "bgp decision");
+            }
+        }
     }
 
     fn sync_probes(&mut self) {
@@ -513,6 +563,7 @@ impl Daemon {
             attached: self.attached,
             ready: self.ready.load(Ordering::SeqCst),
             config_status: &self.config_status,
+            bgp: &self.bgp,
             previous_new_flows: &self.scraped_new_flows,
         });
         if scrape {
