@@ -23,10 +23,12 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+mod bgp;
+
 use crate::{
     admin::{self, Admin, Query},
     bgp::{
-        self, Decider,
+        Decider,
         shutdown::{Shutdown, Step},
     },
     config::{self, Config},
@@ -310,40 +312,6 @@ impl Daemon {
             // Once a shutdown started, /ready stays 503 whatever happens.
             if !shutting_down {
                 self.ready.store(attached, Ordering::SeqCst);
-            }
-        }
-    }
-
-    /// Stops advertising readiness and drains the announced VIPs (they
-    /// carry GRACEFUL_SHUTDOWN from now on); returns the steps to come.
-    fn begin_shutdown(&mut self) -> Shutdown {
-        self.ready.store(false, Ordering::SeqCst);
-        let drain = match &self.config.bgp {
-            Some(b) if self.bgp.begin_shutdown() => Some(b.shutdown_delay),
-            _ => None,
-        };
-        self.decide_bgp();
-        info!(grace = ?self.config.shutdown_grace, bgp_drain = ?drain, "shutting down; /ready now answers 503");
-        Shutdown::plan(Instant::now(), drain, self.config.shutdown_grace)
-    }
-
-    /// The end of the drain: every VIP withdrawn.
-    fn withdraw_all(&mut self) {
-        self.bgp.withdraw_all();
-        self.decide_bgp();
-        info!("drain over: every VIP withdrawn");
-    }
-
-    /// Takes the BGP decisions again; logs the VIPs that change.
-    fn decide_bgp(&mut self) {
-        let ready = self.ready.load(Ordering::SeqCst) && self.attached;
-        let fitness = bgp::fitness(&self.config, &self.health, ready);
-        let changed = self
-            .bgp
-            .update(Instant::now(), self.config.bgp.as_ref(), &fitness);
-        for (key, d) in changed {
-            if let Some(v) = self.config.vips.iter().find(|v| v.key == key) {
-                info!(vip = %v.name, announced = d.announced, reason = %d.reason, "bgp decision");
             }
         }
     }
