@@ -241,7 +241,7 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(b) = &s.bgp {
         out += &format!(
-            "bgp {:?}: med {}, communities [{}], next-hop {}\n",
+            "bgp {}: med {}, communities [{}], next-hop {}\n",
             b.phase,
             b.settings.med,
             b.settings.communities.join(" "),

@@ -37,6 +37,11 @@ const ADMIN: &str = "127.0.0.1:9742";
 /// The config both instances run: the IPv4 VIP checks the backends' health
 /// port (8080, which the test closes), the IPv6 VIP their service port.
 fn config() -> String {
+    config_announcing_web6(true)
+}
+
+/// [`config`] with `announce` of the IPv6 VIP set to `web6`.
+fn config_announcing_web6(web6: bool) -> String {
     let backends = |v6: bool| -> String {
         (0..2)
             .map(|i| {
@@ -50,9 +55,10 @@ fn config() -> String {
             .collect()
     };
     let vip = |name: &str, address: IpAddr, health_port: u16, v6: bool| {
+        let announce = !v6 || web6;
         format!(
             "  - name: {name}\n    address: \"{address}\"\n    port: {TCP_PORT}\n    protocol: tcp\n    \
-             forwarding: l2\n    health_check: {{ kind: tcp, port: {health_port}, interval: 200ms, \
+             forwarding: l2\n    announce: {announce}\n    health_check: {{ kind: tcp, port: {health_port}, interval: 200ms, \
              timeout: 150ms, rise: 2, fall: 2 }}\n    backends:\n{}",
             backends(v6)
         )
@@ -229,6 +235,29 @@ fn anycast_over_bgp_with_ecmp() {
         "health back to two next hops for {V4}: {:?} (rise 2, announce_after 1s)",
         up.elapsed()
     );
+
+    // 6b. `announce: false` reloaded on instance 1 takes the IPv6 VIP off
+    //     that instance only; reloaded back, it returns.
+    x[1].lb
+        .reload(&config_announcing_web6(false))
+        .unwrap()
+        .expect("reload applies");
+    wait_next_hops(&t, V6, 1, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&x)));
+    assert_eq!(
+        t.next_hops(V6).unwrap(),
+        vec![IpAddr::from(lb_address(0).1)],
+        "only instance 0 announces the IPv6 VIP"
+    );
+    assert_eq!(t.next_hops(V4).unwrap().len(), 2, "the IPv4 VIP stays");
+    assert_eq!(
+        x[1].lb.status().unwrap().vips[1].bgp.reason,
+        Reason::DisabledByConfig
+    );
+    x[1].lb.reload(&config()).unwrap().expect("reload applies");
+    wait_next_hops(&t, V6, 2, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&x)));
+    println!("announce: false took the IPv6 VIP off instance 1 and back");
 
     // 2. Traffic spreads over both instances.
     let long = LongLived::open(&t.client, WEB, 100).expect("100 long-lived connections");

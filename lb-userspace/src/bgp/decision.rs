@@ -30,6 +30,16 @@ pub enum Phase {
     Withdrawn,
 }
 
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Serving => "serving",
+            Phase::Draining => "draining (graceful shutdown)",
+            Phase::Withdrawn => "withdrawn (shutting down)",
+        })
+    }
+}
+
 /// Why a VIP is, or is not, announced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
