@@ -119,7 +119,7 @@ fn main() -> ExitCode {
                 Ok((addr, _)) => addr,
                 Err(code) => return code,
             };
-            match fetch_status(addr) {
+            match lb_userspace::status::fetch(addr, std::time::Duration::from_secs(5)) {
                 Ok(s) if json => {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                     ExitCode::SUCCESS
@@ -288,16 +288,6 @@ fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<lb_userspace::status::Status> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(5))
-        .build();
-    Ok(agent
-        .get(&format!("http://{addr}/status"))
-        .call()?
-        .into_json()?)
-}
-
 /// The admin listener to ask: `--admin`, else the config's `admin.listen`
 /// (with the config), else the default.
 fn admin_address(
@@ -344,6 +334,19 @@ fn print_plan(file: &std::path::Path, c: &Config) {
         c.pin_path.display(),
         c.admin_listen
     );
+    if let Some(b) = &c.bgp {
+        println!(
+            "bgp: a VIP is announced after {} with at least {} healthy active backend(s); \
+             on SIGTERM drained for {}; med {}, communities [{}], next-hop {}; feed grace {}",
+            humantime::format_duration(b.announce_after),
+            b.min_healthy,
+            humantime::format_duration(b.shutdown_delay),
+            b.med,
+            b.communities.join(" "),
+            b.next_hop,
+            humantime::format_duration(b.feed_grace),
+        );
+    }
     for (vip, table) in reconcile::plan(c) {
         let h = &vip.health_check;
         println!(
@@ -365,6 +368,9 @@ fn print_plan(file: &std::path::Path, c: &Config) {
             h.fall,
             vip.on_all_down,
         );
+        if c.bgp.is_some() && !vip.announce {
+            println!("  not announced over BGP from this instance (announce: false)");
+        }
         println!(
             "  {:<16} {:<8} {:>6} {:>8} {:>8} {:>9}",
             "backend", "state", "weight", "slots", "share", "expected"

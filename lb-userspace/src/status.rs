@@ -78,6 +78,16 @@ pub struct BackendStatus {
     pub new_flows: u64,
 }
 
+/// Asks the admin listener at `admin` for its `/status` (`lb status`, `lb
+/// bgp-feed`).
+pub fn fetch(admin: std::net::SocketAddr, timeout: std::time::Duration) -> anyhow::Result<Status> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    Ok(agent
+        .get(&format!("http://{admin}/status"))
+        .call()?
+        .into_json()?)
+}
+
 /// A VIP's counters and its backends', by address.
 pub type VipCounters = (Traffic, BTreeMap<IpAddr, Traffic>);
 

@@ -22,7 +22,7 @@ use super::{
     Phase,
     exabgp::{self, Route},
 };
-use crate::status::Status;
+use crate::status::{self, Status};
 
 /// How often `/status` is asked: a withdrawal reaches ExaBGP within this.
 pub const POLL: Duration = Duration::from_millis(250);
@@ -101,18 +101,11 @@ impl Feed {
 /// Follows `lb` at `admin` until ExaBGP closes stdin or stdout.
 pub fn run(admin: SocketAddr, grace: Duration) -> anyhow::Result<()> {
     std::thread::spawn(read_acks);
-    let agent = ureq::AgentBuilder::new().timeout(POLL * 4).build();
-    let url = format!("http://{admin}/status");
     let mut feed = Feed::new(grace);
     let mut out = std::io::stdout().lock();
     let mut reachable = None;
     loop {
-        let answer = agent
-            .get(&url)
-            .call()
-            .map_err(anyhow::Error::from)
-            .and_then(|r| Ok(r.into_json::<Status>()?));
-        let lines = match answer {
+        let lines = match status::fetch(admin, POLL * 4) {
             Ok(status) => {
                 if reachable != Some(true) {
                     info!(%admin, "following lb");
