@@ -2,6 +2,7 @@
 //! writer of the XDP program's maps, neighbour resolution and the `lb run` loop.
 
 pub mod admin;
+pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;

@@ -78,6 +78,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run by ExaBGP (a `process`): follow the running lb's /status and
+    /// print `announce route` / `withdraw route` commands for its VIPs.
+    BgpFeed {
+        /// Admin listener to follow (default: the config's admin.listen,
+        /// else 127.0.0.1:9742).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Config whose admin.listen and bgp.feed_grace to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -119,18 +130,11 @@ fn main() -> ExitCode {
             config,
             json,
         } => {
-            let addr = match (admin, config) {
-                (Some(a), _) => a,
-                (None, Some(path)) => match Config::load(&path) {
-                    Ok(c) => c.admin_listen,
-                    Err(e) => return bad_config(&e),
-                },
-                (None, None) => match config::DEFAULT_ADMIN_LISTEN.parse() {
-                    Ok(a) => a,
-                    Err(_) => return ExitCode::FAILURE,
-                },
+            let addr = match admin_address(admin, config.as_deref()) {
+                Ok((addr, _)) => addr,
+                Err(code) => return code,
             };
-            match fetch_status(addr) {
+            match lb_userspace::status::fetch(addr, std::time::Duration::from_secs(5)) {
                 Ok(s) if json => {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                     ExitCode::SUCCESS
@@ -141,6 +145,23 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("lb: asking http://{addr}/status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::BgpFeed { admin, config } => {
+            let (addr, c) = match admin_address(admin, config.as_deref()) {
+                Ok(found) => found,
+                Err(code) => return code,
+            };
+            // Until lb answers with its own: the config's, else the default.
+            let grace = c
+                .and_then(|c| c.bgp)
+                .map_or(lb_userspace::bgp::feed::DEFAULT_GRACE, |b| b.feed_grace);
+            match lb_userspace::bgp::feed::run(addr, grace) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb bgp-feed: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -315,14 +336,24 @@ fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<lb_userspace::status::Status> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(5))
-        .build();
-    Ok(agent
-        .get(&format!("http://{addr}/status"))
-        .call()?
-        .into_json()?)
+/// The admin listener to ask: `--admin`, else the config's `admin.listen`
+/// (with the config), else the default.
+fn admin_address(
+    admin: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> Result<(std::net::SocketAddr, Option<Config>), ExitCode> {
+    let c = match config.map(Config::load).transpose() {
+        Ok(c) => c,
+        Err(e) => return Err(bad_config(&e)),
+    };
+    let addr = match (admin, &c) {
+        (Some(a), _) => a,
+        (None, Some(c)) => c.admin_listen,
+        (None, None) => config::DEFAULT_ADMIN_LISTEN
+            .parse()
+            .map_err(|_| ExitCode::FAILURE)?,
+    };
+    Ok((addr, c))
 }
 
 fn bad_config(e: &ConfigError) -> ExitCode {
@@ -351,6 +382,19 @@ fn print_plan(file: &std::path::Path, c: &Config) {
         c.pin_path.display(),
         c.admin_listen
     );
+    if let Some(b) = &c.bgp {
+        println!(
+            "bgp: a VIP is announced after {} with at least {} healthy active backend(s); \
+             on SIGTERM drained for {}; med {}, communities [{}], next-hop {}; feed grace {}",
+            humantime::format_duration(b.announce_after),
+            b.min_healthy,
+            humantime::format_duration(b.shutdown_delay),
+            b.med,
+            b.communities.join(" "),
+            b.next_hop,
+            humantime::format_duration(b.feed_grace),
+        );
+    }
     for (vip, table) in reconcile::plan(c) {
         let h = &vip.health_check;
         println!(
@@ -372,6 +416,9 @@ fn print_plan(file: &std::path::Path, c: &Config) {
             h.fall,
             vip.on_all_down,
         );
+        if c.bgp.is_some() && !vip.announce {
+            println!("  not announced over BGP from this instance (announce: false)");
+        }
         println!(
             "  {:<16} {:<8} {:>6} {:>8} {:>8} {:>9}",
             "backend", "state", "weight", "slots", "share", "expected"

@@ -305,8 +305,17 @@ fn register_status(r: &Registry, s: &Status) {
         "Largest ratio of a backend's share of new flows since the previous scrape to its table share.",
         &["vip", "proto"],
     );
+    let announced = gauge(
+        r,
+        "lb_bgp_announced",
+        "1 while this instance wants the VIP announced over BGP (lb bgp-feed announces it).",
+        &["vip", "proto"],
+    );
     for v in &s.vips {
         let vl = [v.vip.as_str(), v.protocol.as_str()];
+        announced
+            .with_label_values(&vl)
+            .set(v.bgp.announced as u8 as f64);
         vip_packets.with_label_values(&vl).inc_by(v.packets);
         vip_bytes.with_label_values(&vl).inc_by(v.bytes);
         healthy
@@ -404,6 +413,7 @@ mod tests {
             attached: true,
             ready: true,
             config: Default::default(),
+            bgp: None,
             counters: BTreeMap::from([
                 ("action_tx".into(), 7),
                 ("drop_no_backend".into(), 2),
@@ -423,6 +433,11 @@ mod tests {
                 bytes: 900,
                 new_flows: 2,
                 skew: Some(1.5),
+                bgp: crate::bgp::VipBgp {
+                    announced: true,
+                    graceful_shutdown: false,
+                    reason: crate::bgp::Reason::Announced,
+                },
                 backends: vec![BackendStatus {
                     address: IpAddr::from([10, 0, 0, 2]),
                     state: BackendState::Active,
@@ -452,6 +467,7 @@ mod tests {
             r#"lb_backend_table_share{backend="10.0.0.2",proto="tcp",vip="10.0.0.1:80"} 1"#,
             r#"lb_vip_backend_skew{proto="tcp",vip="10.0.0.1:80"} 1.5"#,
             r#"lb_vip_all_down{proto="tcp",vip="10.0.0.1:80"} 0"#,
+            r#"lb_bgp_announced{proto="tcp",vip="10.0.0.1:80"} 1"#,
             r#"lb_xdp_actions_total{action="tx"} 7"#,
             r#"lb_drops_total{reason="no_backend"} 2"#,
             r#"lb_passes_total{reason="not_vip"} 3"#,

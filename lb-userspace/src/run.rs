@@ -23,8 +23,17 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+mod bgp;
+mod config_change;
+
+use config_change::Pending;
+
 use crate::{
     admin::{self, Admin, Query},
+    bgp::{
+        Decider,
+        shutdown::{Shutdown, Step},
+    },
     config::{self, Config},
     dataplane::{Dataplane as _, aya::AyaDataplane},
     fd_limit,
@@ -33,7 +42,7 @@ use crate::{
     metrics::Metrics,
     model::{Health, Neighbours},
     neighbour::{self, NeighbourTable, Wanted},
-    reconcile::{ReconcileError, Reconciler, Swap, TableJob, backend_keys},
+    reconcile::{Reconciler, Swap, TableJob},
     reload::{self, ConfigStatus, Watch},
     status::{self, Status},
     xdp_owner,
@@ -46,6 +55,9 @@ const RESOLVE_PATIENCE: Duration = Duration::from_secs(3);
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(1);
 /// How often the config file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often the BGP decisions are taken again (`announce_after` ends
+/// between events too).
+const BGP_DECIDE: Duration = Duration::from_millis(100);
 /// How often the counters are written to the debug log.
 const COUNTER_LOG: Duration = Duration::from_secs(10);
 
@@ -59,12 +71,6 @@ pub struct Options {
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Everything the loop owns. Only `reconciler` writes maps.
-struct Pending {
-    config: Config,
-    sha256: String,
-    trigger: &'static str,
-}
-
 struct Daemon {
     /// The config the maps express (applied whole).
     config: Config,
@@ -83,6 +89,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     attached: bool,
+    /// Per VIP: announce over BGP or not.
+    bgp: Decider,
     /// New-flow counters at the previous scrape (the skew window's start).
     scraped_new_flows: BTreeMap<(VipKey, IpAddr), u64>,
 }
@@ -171,6 +179,7 @@ pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::
         metrics,
         ready,
         attached: false,
+        bgp: Decider::default(),
         scraped_new_flows: BTreeMap::new(),
     };
     d.build_tables().await;
@@ -207,9 +216,11 @@ pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::
     let mut config_poll = tokio::time::interval(CONFIG_POLL);
     let mut refresh = tokio::time::interval(NEIGHBOUR_REFRESH);
     let mut counters = tokio::time::interval(COUNTER_LOG);
-    // Set when a shutdown starts: the loop keeps serving until then.
-    let mut leave_at: Option<tokio::time::Instant> = None;
+    let mut bgp_decide = tokio::time::interval(BGP_DECIDE);
+    // Set when a shutdown starts: the loop keeps serving until it exits.
+    let mut shutdown: Option<Shutdown> = None;
     loop {
+        let next_step = shutdown.map(|s| s.next());
         // Apply again when a VIP whose rebuild came within its retired
         // half's grace may be rebuilt, or when a failed apply is retried.
         let again = [d.reconciler.next_deadline(), d.retry_at]
@@ -218,13 +229,21 @@ pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::
             .min()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            _ = sleep_until(leave_at) => break,
+            _ = sleep_until(next_step.map(|(at, _)| tokio::time::Instant::from_std(at))) => {
+                match (shutdown.as_mut(), next_step) {
+                    (Some(s), Some((_, Step::Withdraw))) => {
+                        d.withdraw_all();
+                        s.done(Step::Withdraw);
+                    }
+                    _ => break,
+                }
+            }
             _ = sleep_until(again) => {
                 d.retry_at = None;
                 d.converge(&[]).await;
             }
-            _ = sigint.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
-            _ = sigterm.recv(), if leave_at.is_none() => leave_at = Some(d.begin_shutdown()),
+            _ = sigint.recv(), if shutdown.is_none() => shutdown = Some(d.begin_shutdown()),
+            _ = sigterm.recv(), if shutdown.is_none() => shutdown = Some(d.begin_shutdown()),
             _ = sighup.recv() => match watch.read_now().await {
                 Ok(text) => d.reload(text, watch.path(), "SIGHUP").await,
                 Err(e) => d.reject("SIGHUP", e),
@@ -250,7 +269,7 @@ pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::
             }
             _ = refresh.tick() => {
                 d.refresh_neighbours().await;
-                if let Some(index) = d.check_attachment(&pin, ifindex, leave_at.is_some()) {
+                if let Some(index) = d.check_attachment(&pin, ifindex, shutdown.is_some()) {
                     match loader::attach(&mut ebpf, index, mode, &pin) {
                         Ok(how) => {
                             info!(interface = %d.config.interface, ifindex = index, ?how, "attached to the re-created interface; maps and flows kept");
@@ -262,7 +281,10 @@ pub async fn run(config: Config, mut ifindex: u32, options: Options) -> anyhow::
                 }
             }
             _ = counters.tick() => d.log_counters(),
+            // The decisions are taken below, after every event.
+            _ = bgp_decide.tick() => {}
         }
+        d.decide_bgp();
     }
 
     d.log_counters();
@@ -306,13 +328,6 @@ impl Daemon {
                 self.ready.store(attached, Ordering::SeqCst);
             }
         }
-    }
-
-    /// Stops advertising readiness; returns when to leave.
-    fn begin_shutdown(&mut self) -> tokio::time::Instant {
-        self.ready.store(false, Ordering::SeqCst);
-        info!(grace = ?self.config.shutdown_grace, "shutting down; /ready now answers 503");
-        tokio::time::Instant::now() + self.config.shutdown_grace
     }
 
     fn sync_probes(&mut self) {
@@ -435,97 +450,6 @@ impl Daemon {
         }
     }
 
-    fn apply_failed(&mut self, e: ReconcileError) {
-        let now = Instant::now();
-        let Some(at) = e.retry_at(now) else {
-            match self.pending.take() {
-                Some(p) => {
-                    self.config_status.pending_sha256 = None;
-                    self.reject(p.trigger, format!("{e}"));
-                }
-                None => error!(error = %e, "applying the running config failed"),
-            }
-            return;
-        };
-        // 100 ms, doubling, at most RETRY_MAX; never before ids are free.
-        let backoff = Duration::from_millis(100)
-            .saturating_mul(1 << self.failures_in_a_row.min(16))
-            .min(RETRY_MAX);
-        self.failures_in_a_row += 1;
-        let at = at.max(now + backoff);
-        self.retry_at = Some(at);
-        let retry_in_ms = at.duration_since(now).as_millis() as u64;
-        match &self.pending {
-            Some(p) => {
-                error!(trigger = p.trigger, error = %e, retry_in_ms, "reload failed while applying; the running config stays until it applies");
-                self.metrics.reload_failed();
-                self.config_status.reload_failures += 1;
-            }
-            None => error!(error = %e, retry_in_ms, "applying a change failed; retrying"),
-        }
-        self.config_status.last_error = Some(e.to_string());
-    }
-
-    /// A reload that will not be applied: logged, counted and shown; the
-    /// running config stays.
-    fn reject(&mut self, trigger: &str, error: String) {
-        error!(%trigger, %error, "reload rejected; the running config stays");
-        self.metrics.reload_failed();
-        self.config_status.reload_failures += 1;
-        self.config_status.last_error = Some(error);
-    }
-
-    /// A new text from the file: parsed away from the loop, checked against
-    /// the settings fixed at start-up, then applied whole or retried.
-    async fn reload(&mut self, text: String, path: &Path, trigger: &'static str) {
-        let sha256 = reload::digest(&text);
-        let new = match reload::parse(text, path).await {
-            Ok(c) => c,
-            Err(e) => return self.reject(trigger, e),
-        };
-        let changed = self.config.fixed().changed(&new.fixed());
-        if !changed.is_empty() {
-            return self.reject(
-                trigger,
-                format!("{} cannot change while lb runs", changed.join(", ")),
-            );
-        }
-        // A newer file replaces a pending one.
-        self.config_status.pending_sha256 = Some(sha256.clone());
-        self.pending = Some(Pending {
-            config: new,
-            sha256,
-            trigger,
-        });
-        self.failures_in_a_row = 0;
-        self.converge(&[]).await;
-    }
-
-    /// A pending config has been applied whole: it is the running one now.
-    fn take_up(&mut self, p: Pending, swaps: &[Swap]) {
-        let rebuilt: Vec<&str> = swaps.iter().map(|s| s.name.as_str()).collect();
-        info!(trigger = p.trigger, ?rebuilt, sha256 = %p.sha256, "config reloaded");
-        // Health and metric series of backends and VIPs that are gone are
-        // forgotten.
-        let live = backend_keys(&p.config);
-        self.health.retain(|k, _| live.contains(k));
-        for v in self
-            .config
-            .vips
-            .iter()
-            .filter(|v| !p.config.vips.iter().any(|n| n.key == v.key))
-        {
-            self.metrics
-                .forget_vip(&v.endpoint().to_string(), v.protocol.as_str());
-        }
-        self.config = p.config;
-        self.config_status.applied_sha256 = p.sha256;
-        self.config_status.pending_sha256 = None;
-        self.config_status.last_error = None;
-        self.sync_probes();
-        self.metrics.reloaded(true);
-    }
-
     /// A snapshot for the admin listener; a scrape also restarts the skew
     /// window. `None` when the counters cannot be read.
     fn status(&mut self, scrape: bool) -> Option<Status> {
@@ -544,6 +468,7 @@ impl Daemon {
             attached: self.attached,
             ready: self.ready.load(Ordering::SeqCst),
             config_status: &self.config_status,
+            bgp: &self.bgp,
             previous_new_flows: &self.scraped_new_flows,
         });
         if scrape {

@@ -10,7 +10,8 @@ use lb_common::{Stat, Traffic, VipKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{BackendState, Config, Forwarding, OnAllDown, Protocol, XdpMode},
+    bgp::{Decider, Phase, VipBgp},
+    config::{BackendState, Bgp, Config, Forwarding, OnAllDown, Protocol, XdpMode},
     dataplane::Counters,
     model::{Health, is_up},
     reconcile::{Applied, AppliedVip, plan_vip},
@@ -29,7 +30,18 @@ pub struct Status {
     /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
     /// `icmp_*`).
     pub counters: BTreeMap<String, u64>,
+    /// The `bgp` settings and the shutdown phase; `None` without a `bgp`
+    /// section.
+    pub bgp: Option<BgpStatus>,
     pub vips: Vec<VipStatus>,
+}
+
+/// What `lb bgp-feed` needs besides the per-VIP decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub phase: Phase,
+    #[serde(flatten)]
+    pub settings: Bgp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +60,8 @@ pub struct VipStatus {
     /// The largest ratio of a backend's share of new flows since the
     /// previous scrape to its share of the table; `None` when no flow started.
     pub skew: Option<f64>,
+    /// Whether this instance announces the VIP over BGP, and why.
+    pub bgp: VipBgp,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -64,6 +78,16 @@ pub struct BackendStatus {
     pub new_flows: u64,
 }
 
+/// Asks the admin listener at `admin` for its `/status` (`lb status`, `lb
+/// bgp-feed`).
+pub fn fetch(admin: std::net::SocketAddr, timeout: std::time::Duration) -> anyhow::Result<Status> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    Ok(agent
+        .get(&format!("http://{admin}/status"))
+        .call()?
+        .into_json()?)
+}
+
 /// A VIP's counters and its backends', by address.
 pub type VipCounters = (Traffic, BTreeMap<IpAddr, Traffic>);
 
@@ -77,6 +101,7 @@ pub struct Inputs<'a> {
     pub attached: bool,
     pub ready: bool,
     pub config_status: &'a ConfigStatus,
+    pub bgp: &'a Decider,
     /// New-flow counts at the previous scrape, for the skew window.
     pub previous_new_flows: &'a BTreeMap<(VipKey, IpAddr), u64>,
 }
@@ -143,6 +168,7 @@ pub fn build(i: &Inputs) -> Status {
                 bytes: total.bytes,
                 new_flows: backends.iter().map(|b| b.new_flows).sum(),
                 skew: skew(&deltas),
+                bgp: i.bgp.get(&key),
                 backends,
             }
         })
@@ -155,6 +181,10 @@ pub fn build(i: &Inputs) -> Status {
         ready: i.ready,
         config: i.config_status.clone(),
         counters,
+        bgp: i.config.bgp.clone().map(|settings| BgpStatus {
+            phase: i.bgp.phase(),
+            settings,
+        }),
         vips,
     }
 }
@@ -219,6 +249,15 @@ pub fn render(s: &Status) -> String {
     if let Some(e) = &s.config.last_error {
         out += &format!("last reload error: {e}\n");
     }
+    if let Some(b) = &s.bgp {
+        out += &format!(
+            "bgp {}: med {}, communities [{}], next-hop {}\n",
+            b.phase,
+            b.settings.med,
+            b.settings.communities.join(" "),
+            b.settings.next_hop
+        );
+    }
     for v in &s.vips {
         let enabled = v
             .backends
@@ -241,6 +280,15 @@ pub fn render(s: &Status) -> String {
             v.packets,
             v.bytes,
             v.new_flows
+        );
+        out += &format!(
+            "  bgp: {} ({})\n",
+            if v.bgp.announced {
+                "announced"
+            } else {
+                "withdrawn"
+            },
+            v.bgp.reason
         );
         out += &format!(
             "  {:<16} {:<9} {:<6} {:>6} {:>7} {:>12} {:>14} {:>10}\n",

@@ -64,6 +64,8 @@ fn a_bad_config_exits_64_naming_the_field_and_file() {
     for cmd in [
         vec!["check-config", bad.to_str().unwrap()],
         vec!["run", "--config", bad.to_str().unwrap()],
+        vec!["status", "--config", bad.to_str().unwrap()],
+        vec!["bgp-feed", "--config", bad.to_str().unwrap()],
     ] {
         let (code, out, err) = lb(&cmd);
         assert_eq!(code, 64, "{cmd:?}: {out}{err}");

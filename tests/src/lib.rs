@@ -11,6 +11,7 @@ pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod root;
+pub mod routing;
 pub mod topology;
 pub mod traffic;
 pub mod xdp;

@@ -144,11 +144,25 @@ pub struct LongLived {
 
 impl LongLived {
     pub fn open(client: &Netns, to: SocketAddr, n: usize) -> anyhow::Result<LongLived> {
+        Self::open_patient(client, to, n, TIMEOUT)
+    }
+
+    /// [`open`](Self::open), but a connection counts as broken only after
+    /// `patience` without an answer (TCP retransmits through an outage
+    /// that a router takes its hold time to notice).
+    pub fn open_patient(
+        client: &Netns,
+        to: SocketAddr,
+        n: usize,
+        patience: Duration,
+    ) -> anyhow::Result<LongLived> {
         let streams = client.enter(move || {
             (0..n)
                 .map(|i| {
-                    connect_and_name(to, TIMEOUT)
-                        .with_context(|| format!("opening long-lived connection {i}"))
+                    let (name, s) = connect_and_name(to, TIMEOUT)
+                        .with_context(|| format!("opening long-lived connection {i}"))?;
+                    s.set_read_timeout(Some(patience))?;
+                    Ok((name, s))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         })??;

@@ -15,9 +15,18 @@ use clap::{Parser, Subcommand};
 const NIGHTLY: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 /// Debian packages the kernel-tier tests and the demo call: `ip`, `ethtool`,
-/// `sysctl`, `nsenter`, and Prometheus (server and promtool) for the metrics
-/// tests.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux", "prometheus"];
+/// `sysctl`, `nsenter`, Prometheus (server and promtool) for the metrics
+/// tests, and the BGP daemons of the anycast tests (FRR as the router,
+/// ExaBGP on each load balancer).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "procps",
+    "util-linux",
+    "prometheus",
+    "frr",
+    "exabgp",
+];
 
 #[derive(Parser)]
 struct Cli {

@@ -20,8 +20,8 @@ use std::path::Path;
 pub use errors::{ConfigError, Problem};
 pub use fixed::Fixed;
 pub use model::{
-    Backend, BackendState, Config, Forwarding, HealthCheck, HealthKind, OnAllDown, Protocol, Vip,
-    XdpMode,
+    Backend, BackendState, Bgp, Config, Forwarding, HealthCheck, HealthKind, OnAllDown, Protocol,
+    Vip, XdpMode,
 };
 pub use raw::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_PIN_ROOT,

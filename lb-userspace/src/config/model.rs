@@ -136,7 +136,49 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Connections the admin listener serves at once.
     pub admin_max_connections: u32,
+    /// Announcing the VIPs over BGP (through `lb bgp-feed`); `None` when the
+    /// file has no `bgp` section.
+    pub bgp: Option<Bgp>,
     pub vips: Vec<Vip>,
+}
+
+/// The `bgp` section: when a VIP is announced, and the attributes every
+/// announcement carries (identical on every instance, or the router keeps
+/// one path instead of spreading flows over all of them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bgp {
+    /// Healthy active backends a VIP needs to be announced.
+    pub min_healthy: u32,
+    /// How long a VIP must be fit without interruption before it is announced.
+    #[serde(with = "millis")]
+    pub announce_after: Duration,
+    /// After SIGTERM, how long the VIPs stay announced with the
+    /// GRACEFUL_SHUTDOWN community before they are withdrawn.
+    #[serde(with = "millis")]
+    pub shutdown_delay: Duration,
+    /// How long `lb bgp-feed` keeps the last state while `lb` is unreachable.
+    #[serde(with = "millis")]
+    pub feed_grace: Duration,
+    pub med: u32,
+    /// `ASN:VALUE` standard communities added to every announcement.
+    pub communities: Vec<String>,
+    /// `self`, or an address used for the VIPs of its family.
+    pub next_hop: String,
+}
+
+/// Durations in `/status` as whole milliseconds.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -169,6 +211,8 @@ pub struct Vip {
     pub icmp_too_big: bool,
     pub health_check: HealthCheck,
     pub on_all_down: OnAllDown,
+    /// Whether `bgp` may announce this VIP from this instance.
+    pub announce: bool,
     pub backends: Vec<Backend>,
 }
 

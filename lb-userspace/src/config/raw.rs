@@ -43,6 +43,8 @@ pub(super) struct RawConfig {
     pub(super) pin_path: Option<PathBuf>,
     #[serde(default)]
     pub(super) admin: RawAdmin,
+    /// Absent: no VIP is announced over BGP and a shutdown has no BGP steps.
+    pub(super) bgp: Option<RawBgp>,
     pub(super) vips: Vec<RawVip>,
 }
 
@@ -104,6 +106,32 @@ impl Default for RawAdmin {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawBgp {
+    pub(super) min_healthy: i64,
+    pub(super) announce_after: String,
+    pub(super) shutdown_delay: String,
+    pub(super) feed_grace: String,
+    pub(super) med: i64,
+    pub(super) communities: Vec<String>,
+    pub(super) next_hop: String,
+}
+
+impl Default for RawBgp {
+    fn default() -> Self {
+        Self {
+            min_healthy: 1,
+            announce_after: "2s".into(),
+            shutdown_delay: "5s".into(),
+            feed_grace: "30s".into(),
+            med: 100,
+            communities: Vec::new(),
+            next_hop: "self".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVip {
     pub(super) name: String,
@@ -118,7 +146,14 @@ pub(super) struct RawVip {
     pub(super) health_check: RawHealthCheck,
     #[serde(default)]
     pub(super) on_all_down: OnAllDown,
+    /// Whether `bgp` may announce the VIP from this instance.
+    #[serde(default = "announce_by_default")]
+    pub(super) announce: bool,
     pub(super) backends: Vec<RawBackend>,
+}
+
+fn announce_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,7 +27,7 @@ use crate::{
 /// a reply whose source (the VIP, on lo) is not an address of the outgoing
 /// interface: an early connection could fail (seen here: now and then one
 /// of 1500). Set before any interface exists: new interfaces copy `default`.
-fn namespace(role: &str) -> anyhow::Result<Netns> {
+pub(super) fn namespace(role: &str) -> anyhow::Result<Netns> {
     let ns = Netns::new(role)?;
     for dev in ["all", "default"] {
         ns.sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
@@ -182,7 +182,7 @@ pub(super) fn backend(
 
 /// Connects `ns` to the bridge in `switch` with a veth pair: `eth0` in `ns`
 /// with `addr/24` and `addr6/64`, `port` in the switch.
-fn plug(
+pub(super) fn plug(
     switch: &Netns,
     ns: &Netns,
     port: &str,
@@ -193,7 +193,7 @@ fn plug(
 }
 
 /// [`plug`] with another interface name in `ns`.
-fn plug_as(
+pub(super) fn plug_as(
     switch: &Netns,
     ns: &Netns,
     port: &str,
@@ -210,7 +210,7 @@ fn plug_as(
     Ok(())
 }
 
-fn attach_pass(interface: &str) -> anyhow::Result<Ebpf> {
+pub(super) fn attach_pass(interface: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(lb_userspace::loader::BASELINE_OBJECT)?;
     let prog: &mut Xdp = ebpf
         .program_mut("xdp_pass")

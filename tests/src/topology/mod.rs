@@ -21,6 +21,7 @@
 //! rewrite or encapsulation) can deliver a packet to a backend, and backends
 //! answer the client directly.
 
+pub mod anycast;
 mod build;
 mod decap;
 mod lb;

@@ -10,7 +10,7 @@ use std::{
 use super::{is_prime, parse_duration};
 use crate::config::{
     errors::Problems,
-    model::{Config, Vip, XdpMode},
+    model::{Bgp, Config, Vip, XdpMode},
     raw::{DEFAULT_PIN_ROOT, RawConfig},
 };
 
@@ -40,7 +40,7 @@ pub(super) struct Global {
 }
 
 impl Global {
-    pub(super) fn with_vips(self, vips: Vec<Vip>) -> Config {
+    pub(super) fn with(self, bgp: Option<Bgp>, vips: Vec<Vip>) -> Config {
         Config {
             interface: self.interface,
             xdp_mode: self.xdp_mode,
@@ -54,6 +54,7 @@ impl Global {
             admin_listen: self.admin_listen,
             shutdown_grace: self.shutdown_grace,
             admin_max_connections: self.admin_max_connections,
+            bgp,
             vips,
         }
     }

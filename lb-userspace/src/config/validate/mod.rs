@@ -4,6 +4,7 @@
 //! the file (`vips[1].backends[0].weight`), so one run reports them all.
 
 mod backend;
+mod bgp;
 mod global;
 mod health_check;
 mod vip;
@@ -22,9 +23,10 @@ use super::{
 pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut p = Problems::default();
     let global = global::validate(&mut p, &raw);
+    let bgp = bgp::validate(&mut p, raw.bgp.as_ref());
     let vips = vip::validate_all(&mut p, raw.vips);
-    match global {
-        Some(global) if p.is_empty() => Ok(global.with_vips(vips)),
+    match (global, bgp) {
+        (Some(global), Some(bgp)) if p.is_empty() => Ok(global.with(bgp, vips)),
         _ => Err(p.into_vec()),
     }
 }

@@ -99,6 +99,7 @@ fn validate_one(p: &mut Problems, seen: &mut Seen, at: &str, v: RawVip) -> Optio
         icmp_too_big: v.icmp_too_big.unwrap_or(true),
         health_check: health_check?,
         on_all_down: v.on_all_down,
+        announce: v.announce,
         backends: backends.into_iter().map(|(_, b)| b).collect(),
     })
 }
