@@ -24,8 +24,11 @@ pub struct Status {
     pub attached: bool,
     pub ready: bool,
     /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
-    /// `icmp_*`).
+    /// `evict_*`, `untracked`, `icmp_*`).
     pub counters: BTreeMap<String, u64>,
+    /// Flow-table entries in use, by family (`ipv4`, `ipv6`).
+    #[serde(default)]
+    pub flow_table_entries: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
 }
 
@@ -150,6 +153,11 @@ pub fn build(i: &Inputs) -> Status {
         attached: i.attached,
         ready: i.ready,
         counters,
+        flow_table_entries: ["ipv4", "ipv6"]
+            .into_iter()
+            .zip(i.counters.flow_entries)
+            .map(|(family, n)| (family.to_string(), n))
+            .collect(),
         vips,
     }
 }

@@ -460,6 +460,7 @@ fn pinned_flow_tables_the_kernel_resized_are_adopted() {
         max_vips: 1,
         max_flows: 1025,
         max_flows_v6: 1025,
+        idle_evict: std::time::Duration::from_secs(60),
     };
     drop(lb_userspace::loader::load(sizes, Some(&pins.0)).expect("first load pins"));
     lb_userspace::loader::load(sizes, Some(&pins.0)).expect("adopts its own pinned tables");
