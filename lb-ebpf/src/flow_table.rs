@@ -44,7 +44,7 @@ pub struct Own {
 
 #[inline(always)]
 fn slot(bucket: *mut FlowBucket, way: usize) -> *mut FlowSlot {
-    // `way < WAYS`: inside the bucket.
+    // SAFETY: `way < WAYS`, so the slot lies inside the bucket.
     unsafe { (bucket as *mut FlowSlot).add(way) }
 }
 
