@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod decap;
+pub mod flow_table;
 pub mod hash;
 
 use core::net::IpAddr;
@@ -20,9 +21,9 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
-    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_TABLE: &str = "FLOW_TABLE";
     pub const VIP_FILTER: &str = "VIP_FILTER";
-    pub const FLOWS6: &str = "FLOWS6";
+    pub const FLOW_PARAMS: &str = "FLOW_PARAMS";
 
     /// Every map, in the order userspace pins them.
     pub const ALL: [&str; 10] = [
@@ -33,9 +34,9 @@ pub mod map_names {
         STATS,
         VIP_STATS,
         BACKEND_STATS,
-        FLOWS,
+        FLOW_TABLE,
         VIP_FILTER,
-        FLOWS6,
+        FLOW_PARAMS,
     ];
 }
 
@@ -64,8 +65,6 @@ pub const fn maglev_entries(max_vips: u32, table_size: u32) -> u32 {
 /// Flags of the `MAGLEV` array: `BPF_F_MMAPABLE`, so userspace writes a whole
 /// table half with plain stores instead of a system call per slot.
 pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
-/// Placeholder size of the `FLOWS` LRU map; userspace sizes it at load time.
-pub const FLOWS_DEFAULT_ENTRIES: u32 = 1024;
 /// A Maglev slot holding this value has no backend (only in a table built from
 /// an empty backend list); the program drops with [`Stat::DropNoBackend`].
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -89,8 +88,7 @@ pub fn key_addr(key: [u8; 16]) -> IpAddr {
 }
 
 /// Key of the `VIPS` hash map, for VIPs of both families. Looked up only
-/// for packets the flow table does not know, so one map serves both families
-/// (the per-packet flow table has a compact key per family instead).
+/// for packets the flow table does not know.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
@@ -187,45 +185,11 @@ pub const BACKEND_F_HEALTHY: u32 = 4;
 /// "packet too big") instead of dropping it (the VIP's `icmp_too_big`).
 pub const BACKEND_F_ICMP_TOO_BIG: u32 = 8;
 
-/// Key of the `FLOWS` LRU hash: the IPv4 5-tuple as it sits in the packet
-/// (16 bytes, for the same reason as [`VipKey`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// Addresses and ports, network byte order.
-    pub src: u32,
-    pub dst: u32,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-/// Key of the `FLOWS6` LRU hash: the IPv6 5-tuple as it sits in the packet.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey6 {
-    /// Addresses and ports, network byte order.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
 /// Flags of the `VIPS` map: `BPF_F_NO_PREALLOC`. A preallocated hash map
 /// recycles a replaced element at once, so a packet still reading it could
 /// copy another VIP's entry; without preallocation the kernel frees replaced
 /// elements only after every program that could read them has finished.
 pub const VIPS_MAP_FLAGS: u32 = 1;
-
-/// Flags of the `FLOWS` map: `BPF_F_NO_COMMON_LRU`. Each CPU keeps its own
-/// LRU lists (and `max_flows / CPUs` of the capacity), so inserting a flow
-/// takes no lock shared between CPUs; measured, this makes a new flow's
-/// insert markedly cheaper. The hash table itself is shared, so a flow is
-/// found from any CPU.
-pub const FLOWS_MAP_FLAGS: u32 = 1 << 1;
 
 /// Words of the `VIP_FILTER` bitmap (64 bits each).
 pub const VIP_FILTER_WORDS: u32 = 64;
@@ -257,23 +221,13 @@ pub fn vip_filter_bit_of(addr: IpAddr) -> (u32, u64) {
     }
 }
 
-/// Value of the `FLOWS` LRU hash: where an established flow goes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowEntry {
-    pub backend_id: u32,
-    /// The backend's [`BackendEntry::generation`] when the flow was placed.
-    pub generation: u32,
-    /// `bpf_ktime_get_coarse_ns()` of the last packet (UDP only; refreshed at
-    /// most once per [`UDP_LAST_SEEN_GRANULARITY_NS`] to spare the cache line).
-    pub last_seen_ns: u64,
-}
-
+/// A UDP entry's last-seen time is refreshed at most this often (and always
+/// well within the timeout), to spare the cache line.
 pub const UDP_LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Version of every map's key and value layout; bump it with any change to
 /// them (sizes alone do not catch reordered fields).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Value of the `CONFIG` array (one element): settings that apply to every VIP.
 #[repr(C)]
@@ -367,6 +321,21 @@ stats! {
     /// Flow whose backend may no longer keep it (down, disabled, removed):
     /// re-placed by Maglev.
     FlowReplaced = "flow_replaced",
+    /// A placed flow found no entry to take (its bucket held only
+    /// established flows seen within `flow_table.idle_evict`, or another CPU
+    /// was writing the entry it chose): forwarded by the Maglev table
+    /// without being remembered.
+    Untracked = "untracked",
+    /// A new flow took the entry of a flow that saw a FIN or RST.
+    EvictClosed = "evict_closed",
+    /// A new flow took the entry of a UDP flow idle past its timeout.
+    EvictExpired = "evict_expired",
+    /// A new flow took the least recently seen single-packet entry of its
+    /// bucket.
+    EvictSinglePacket = "evict_single_packet",
+    /// A new flow took the entry of an established flow idle for longer than
+    /// `flow_table.idle_evict`.
+    EvictIdle = "evict_idle",
     /// Frame shorter than an Ethernet header.
     DropTruncatedEth = "drop_truncated_eth",
     /// The frame ends inside the IPv4 or IPv6 header or the first 8 bytes of
@@ -421,12 +390,17 @@ pub type StatBlock = [u64; STAT_COUNT as usize];
 
 #[cfg(feature = "user")]
 mod pod {
+    use super::{
+        BackendEntry, GlobalConfig, Traffic, VipEntry, VipKey,
+        flow_table::{FlowBucket, FlowParams},
+    };
+
     /// Marks map keys and values as plain old data for aya.
     macro_rules! pod {
         ($($t:ident),*) => {$(
             // SAFETY: #[repr(C)], Copy, made only of integers and byte arrays,
             // and without implicit padding (checked by the size asserts).
-            unsafe impl aya::Pod for super::$t {}
+            unsafe impl aya::Pod for $t {}
         )*};
     }
     pod!(
@@ -435,9 +409,8 @@ mod pod {
         BackendEntry,
         GlobalConfig,
         Traffic,
-        FlowKey,
-        FlowKey6,
-        FlowEntry
+        FlowBucket,
+        FlowParams
     );
 }
 
@@ -445,8 +418,5 @@ mod pod {
 const _: () = assert!(size_of::<VipKey>() == 20);
 const _: () = assert!(size_of::<VipEntry>() == 12);
 const _: () = assert!(size_of::<BackendEntry>() == 68);
-const _: () = assert!(size_of::<FlowKey6>() == 40);
 const _: () = assert!(size_of::<GlobalConfig>() == 16);
-const _: () = assert!(size_of::<FlowKey>() == 16);
-const _: () = assert!(size_of::<FlowEntry>() == 16);
 const _: () = assert!(size_of::<Traffic>() == 24);

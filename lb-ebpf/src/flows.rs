@@ -1,28 +1,32 @@
-//! Flow placement: the flow table keeps established flows on their backend;
-//! everything else is placed by the VIP's Maglev table and remembered.
+//! Flow placement: the flow table (`crate::flow_table`) keeps established
+//! flows on their backend; everything else is placed by the VIP's Maglev
+//! table and remembered.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_KEEP_FLOWS, BackendEntry, FlowEntry, FlowKey, FlowKey6, IPPROTO_UDP, NO_BACKEND,
-    Stat, UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, VipKey,
-    hash::{flow_hash_v4, flow_hash_v6},
+    BACKEND_F_KEEP_FLOWS, BackendEntry, IPPROTO_UDP, NO_BACKEND, Stat,
+    UDP_LAST_SEEN_GRANULARITY_NS, VipEntry, VipKey,
+    flow_table::{
+        SlotState, bucket_of, idle_ns, meta_backend, meta_generation, meta_state, meta_with_seen,
+        meta_with_state, seen_of,
+    },
+    hash::{flow_hash_v4, flow_hash_v6, flow_key_v4, flow_key_v6},
     vip_filter_word_v6,
 };
 
 use crate::{
     Verdict,
-    maps::{BACKENDS, CONFIG, FLOWS, FLOWS6, MAGLEV, VIPS},
+    flow_table::{self, Eviction, NewEntry, Own, Place},
+    maps::{BACKENDS, CONFIG, FLOW_PARAMS, FLOW_TABLE, MAGLEV, VIPS},
     packet::Flow,
 };
 
 /// What differs between IPv4 and IPv6 flows, implemented by the address
-/// type as it sits in the packet. Each family has its own flow table, so the
-/// IPv4 table keeps its compact key.
+/// type as it sits in the packet. Both families share one flow table.
 pub trait Family: Sized {
-    type Key: 'static;
     const IS_V6: bool;
-    fn flows() -> &'static LruHashMap<Self::Key, FlowEntry>;
-    fn flow_key(flow: &Flow<Self>) -> Self::Key;
+    /// The flow table's keyed hash (`lb_common::hash::flow_key_v4`/`_v6`).
+    fn flow_key(flow: &Flow<Self>, key: [u64; 2]) -> u64;
     /// The flow hash (`lb_common::hash`) of the 5-tuple.
     fn hash(flow: &Flow<Self>, seed: u32) -> u32;
     /// The word `VIP_FILTER` is indexed by.
@@ -34,24 +38,11 @@ pub trait Family: Sized {
 }
 
 impl Family for [u8; 4] {
-    type Key = FlowKey;
     const IS_V6: bool = false;
 
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey, FlowEntry> {
-        &FLOWS
-    }
-
-    #[inline(always)]
-    fn flow_key(flow: &Flow<Self>) -> FlowKey {
-        FlowKey {
-            src: u32::from_ne_bytes(flow.src),
-            dst: u32::from_ne_bytes(flow.dst),
-            sport: flow.sport.to_be(),
-            dport: flow.dport.to_be(),
-            proto: flow.proto,
-            _pad: [0; 3],
-        }
+    fn flow_key(flow: &Flow<Self>, key: [u64; 2]) -> u64 {
+        flow_key_v4(flow.src, flow.dst, flow.sport, flow.dport, flow.proto, key)
     }
 
     #[inline(always)]
@@ -79,24 +70,13 @@ impl Family for [u8; 4] {
 }
 
 impl Family for [u8; 16] {
-    type Key = FlowKey6;
     const IS_V6: bool = true;
 
     #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKey6, FlowEntry> {
-        &FLOWS6
-    }
-
-    #[inline(always)]
-    fn flow_key(flow: &Flow<Self>) -> FlowKey6 {
-        FlowKey6 {
-            src: flow.src,
-            dst: flow.dst,
-            sport: flow.sport.to_be(),
-            dport: flow.dport.to_be(),
-            proto: flow.proto,
-            _pad: [0; 3],
-        }
+    fn flow_key(flow: &Flow<Self>, key: [u64; 2]) -> u64 {
+        flow_key_v6(
+            &flow.src, &flow.dst, flow.sport, flow.dport, flow.proto, key,
+        )
     }
 
     #[inline(always)]
@@ -125,72 +105,119 @@ pub fn seed() -> u32 {
 }
 
 /// What the flow table says about a packet.
-pub enum Lookup<K> {
+pub enum Lookup {
     /// An established flow whose backend may keep it.
     Hit {
         backend_id: u32,
         backend: &'static BackendEntry,
     },
     /// No live entry: the flow must be placed. `outcome` is the flow-table
-    /// counter to move once the packet is known to be for a VIP.
-    Miss { outcome: Stat, key: K, now: u64 },
+    /// counter to move once the packet is known to be for a VIP; `at` is
+    /// where its entry goes (`None`: the table is not set up, the flow
+    /// cannot be remembered).
+    Miss { outcome: Stat, at: Option<Slot> },
+}
+
+/// Where a placed flow is remembered: its bucket, and its stale entry when
+/// it has one.
+#[derive(Clone, Copy)]
+pub struct Slot {
+    place: Place,
+    own: Option<Own>,
 }
 
 #[inline(always)]
-pub fn lookup<A: Family>(flow: &Flow<A>) -> Lookup<A::Key> {
-    let key = A::flow_key(flow);
-    let udp = flow.proto == IPPROTO_UDP;
-    // Only UDP flows age; TCP flows leave the LRU table when it needs room.
-    // The coarse clock (tick resolution) is plenty for timeouts of seconds
-    // and far cheaper to read than the precise one.
-    // SAFETY: plain helper call.
-    let now = if udp {
-        unsafe { bpf_ktime_get_coarse_ns() }
-    } else {
-        0
-    };
-
-    let Some(entry) = A::flows().get_ptr_mut(&key) else {
-        let outcome = if flow.opens {
-            Stat::FlowMissSyn
-        } else {
-            Stat::FlowMissNonSyn
-        };
-        return Lookup::Miss { outcome, key, now };
-    };
-    // SAFETY: pointer into the map's value, valid for this program run.
-    let entry = unsafe { &mut *entry };
-    // Saturating: another CPU may just have stored a later timestamp.
-    let idle = now.saturating_sub(entry.last_seen_ns);
-    let timeout = if udp {
+fn udp_timeout_ns(udp: bool) -> u64 {
+    if udp {
         CONFIG.get(0).map_or(u64::MAX, |c| c.udp_idle_timeout_ns)
     } else {
         u64::MAX
-    };
-    if idle > timeout {
-        return Lookup::Miss {
-            outcome: Stat::FlowMissSyn,
-            key,
-            now,
-        };
     }
-    match BACKENDS.get(entry.backend_id) {
-        Some(b) if b.generation == entry.generation && b.flags & BACKEND_F_KEEP_FLOWS != 0 => {
-            // Refreshed at most once per granularity, and always well
-            // within the timeout, so a busy flow never looks idle.
-            if udp && idle > UDP_LAST_SEEN_GRANULARITY_NS.min(timeout / 2) {
-                entry.last_seen_ns = now;
-            }
+}
+
+#[inline(always)]
+pub fn lookup<A: Family>(flow: &Flow<A>) -> Lookup {
+    let miss = if flow.opens {
+        Stat::FlowMissSyn
+    } else {
+        Stat::FlowMissNonSyn
+    };
+    let Some(params) = FLOW_PARAMS.get(0) else {
+        return Lookup::Miss {
+            outcome: miss,
+            at: None,
+        };
+    };
+    let check = A::flow_key(flow, params.key);
+    let Some(bucket) = FLOW_TABLE.get_ptr_mut(bucket_of(check, params.buckets)) else {
+        return Lookup::Miss {
+            outcome: miss,
+            at: None,
+        };
+    };
+    // The coarse clock (tick resolution) is plenty for timeouts of seconds
+    // and far cheaper to read than the precise one.
+    // SAFETY: plain helper call.
+    let now_seen = seen_of(unsafe { bpf_ktime_get_coarse_ns() });
+    let place = Place {
+        bucket,
+        check,
+        now_seen,
+    };
+    let Some(own) = flow_table::find(&place) else {
+        return Lookup::Miss {
+            outcome: miss,
+            at: Some(Slot { place, own: None }),
+        };
+    };
+    let stale = |outcome| Lookup::Miss {
+        outcome,
+        at: Some(Slot {
+            place,
+            own: Some(own),
+        }),
+    };
+    let udp = flow.proto == IPPROTO_UDP;
+    let timeout = udp_timeout_ns(udp);
+    let idle = idle_ns(own.meta, now_seen);
+    if idle > timeout {
+        return stale(Stat::FlowMissSyn);
+    }
+    let backend_id = meta_backend(own.meta);
+    match BACKENDS.get(backend_id) {
+        Some(b)
+            if b.generation as u16 == meta_generation(own.meta)
+                && b.flags & BACKEND_F_KEEP_FLOWS != 0 =>
+        {
+            refresh(&own, flow, idle, timeout, now_seen);
             Lookup::Hit {
-                backend_id: entry.backend_id,
+                backend_id,
                 backend: b,
             }
         }
-        _ => Lookup::Miss {
-            outcome: Stat::FlowReplaced,
-            key,
-            now,
-        },
+        _ => stale(Stat::FlowReplaced),
+    }
+}
+
+/// A hit's updates of its entry: a second packet makes the flow
+/// established (safe from floods of new flows), a FIN or RST marks it
+/// closed (reused first), and the last-seen time is refreshed at most once
+/// per granularity, always well within the UDP timeout. Best effort: a
+/// racing update from another CPU wins.
+#[inline(always)]
+fn refresh<A>(own: &Own, flow: &Flow<A>, idle: u64, timeout: u64, now_seen: u32) {
+    let state = meta_state(own.meta);
+    let mut meta = own.meta;
+    if flow.closes {
+        meta = meta_with_state(meta, SlotState::Closed);
+    } else if state == SlotState::New as u64 {
+        meta = meta_with_state(meta, SlotState::Established);
+    }
+    if idle > UDP_LAST_SEEN_GRANULARITY_NS.min(timeout / 2) {
+        meta = meta_with_seen(meta, now_seen);
+    }
+    if meta != own.meta {
+        flow_table::swap_meta(own.slot, own.meta, meta);
     }
 }
 
@@ -209,15 +236,15 @@ pub fn vip<A: Family>(flow: &Flow<A>) -> Result<VipEntry, Verdict> {
         .ok_or(Verdict::Pass(Stat::PassNotVip))
 }
 
-/// Places a new (or re-placed) flow with the VIP's Maglev table and remembers
-/// it. Returns the backend and the flow hash.
+/// Places a new (or re-placed) flow with the VIP's Maglev table and
+/// remembers it at `at`. Returns the backend, the flow hash and the
+/// flow-table counter the placement moved (an eviction, or `Untracked`).
 #[inline(always)]
 pub fn place<A: Family>(
     flow: &Flow<A>,
-    key: &A::Key,
+    at: Option<Slot>,
     vip: &VipEntry,
-    now: u64,
-) -> Result<(u32, &'static BackendEntry, u32), Verdict> {
+) -> Result<(u32, &'static BackendEntry, u32, Option<Stat>), Verdict> {
     let hash = A::hash(flow, seed());
     let slot = vip.table_base + hash % vip.table_size.max(1);
     let pair = MAGLEV
@@ -236,13 +263,42 @@ pub fn place<A: Family>(
     if backend.vip_id != vip.id {
         return Err(Verdict::Drop(Stat::DropInternal));
     }
-    let entry = FlowEntry {
+    let counted = at.map_or(Err(Stat::Untracked), |at| {
+        remember(flow, &at, backend_id, backend)
+    });
+    // Failing to remember only costs this flow its stickiness: the packet
+    // is still forwarded.
+    Ok((backend_id, backend, hash, counted.unwrap_or_else(Some)))
+}
+
+/// Writes the placed flow's entry (see `flow_table::remember`).
+#[inline(always)]
+fn remember<A: Family>(
+    flow: &Flow<A>,
+    at: &Slot,
+    backend_id: u32,
+    backend: &BackendEntry,
+) -> Result<Option<Stat>, Stat> {
+    let udp = flow.proto == IPPROTO_UDP;
+    // A re-placed flow keeps how far it got (an established flow stays safe
+    // from floods); an expired UDP flow starts afresh.
+    let state = match at.own {
+        Some(own) if meta_state(own.meta) == SlotState::Established as u64 && !flow.opens => {
+            SlotState::Established
+        }
+        Some(own) if meta_state(own.meta) == SlotState::Closed as u64 => SlotState::Closed,
+        _ => SlotState::New,
+    };
+    let entry = NewEntry {
+        udp,
+        v6: A::IS_V6,
+        state,
         backend_id,
         generation: backend.generation,
-        last_seen_ns: now,
     };
-    // A full table evicts its least recently used entry; failure to insert
-    // only costs this flow its stickiness, so the packet is still forwarded.
-    let _ = A::flows().insert(key, &entry, 0);
-    Ok((backend_id, backend, hash))
+    let limits = Eviction {
+        udp_timeout_ns: udp_timeout_ns(true),
+        idle_evict_ns: FLOW_PARAMS.get(0).map_or(u64::MAX, |p| p.idle_evict_ns),
+    };
+    flow_table::remember(&at.place, at.own, &entry, &limits)
 }

@@ -7,12 +7,17 @@
 //!
 //! Every packet moves exactly one verdict counter: its pass or drop reason, or
 //! its action when forwarded (userspace sums reasons into action totals).
-//! Side counters come on top: `flow_*` for flow-table lookups, and `icmp_*`
+//! Side counters come on top: `flow_*` for flow-table lookups, `evict_*`
+//! and `untracked` for where a placed flow's entry came from, and `icmp_*`
 //! for an ICMP answer sent back (its action is `tx`).
 #![no_std]
 #![no_main]
+// `atomic_cxchg`: see `flow_table::swap_meta`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod csum;
+mod flow_table;
 mod flows;
 mod forward;
 mod icmp;
@@ -114,11 +119,14 @@ fn balance_flow<A: Family>(
             add_traffic(&VIP_STATS, backend.vip_id, bytes, false);
             (backend_id, backend, None)
         }
-        Lookup::Miss { outcome, key, now } => {
+        Lookup::Miss { outcome, at } => {
             let vip = flows::vip(flow)?;
             bump(stats, outcome);
             add_traffic(&VIP_STATS, vip.id, bytes, false);
-            let (id, backend, hash) = flows::place(flow, &key, &vip, now)?;
+            let (id, backend, hash, table) = flows::place(flow, at, &vip)?;
+            if let Some(table) = table {
+                bump(stats, table);
+            }
             (id, backend, Some(hash))
         }
     };

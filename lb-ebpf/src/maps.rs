@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendEntry, FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS, FlowEntry, FlowKey, FlowKey6,
-    GlobalConfig, MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS, SlotPair,
-    StatBlock, Traffic, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
+    BackendEntry, GlobalConfig, MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS, MAX_BACKENDS, MAX_VIPS,
+    SlotPair, StatBlock, Traffic, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipEntry, VipKey,
+    flow_table::{FLOW_TABLE_DEFAULT_BUCKETS, FLOW_TABLE_MAP_FLAGS, FlowBucket, FlowParams},
 };
 
 /// (address of either family, port, protocol) -> VIP id, active table half, forwarding mode.
@@ -29,19 +29,18 @@ pub static BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS,
 pub static MAGLEV: Array<SlotPair> =
     Array::with_max_entries(MAGLEV_DEFAULT_ENTRIES, MAGLEV_MAP_FLAGS);
 
-/// 5-tuple -> backend of each established flow, shared by all CPUs (a flow
-/// may arrive on any queue). LRU: the least recently used flows make room
-/// (lists per CPU, see `lb_common::FLOWS_MAP_FLAGS`).
-/// Resized by userspace at load time. The program is its only writer.
+/// The flow table of both families (`lb_common::flow_table`): buckets of
+/// entries that keep established flows on their backend, shared by all CPUs
+/// (a flow may arrive on any queue). Resized by userspace at load time. The
+/// program is its only writer.
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
+pub static FLOW_TABLE: Array<FlowBucket> =
+    Array::with_max_entries(FLOW_TABLE_DEFAULT_BUCKETS, FLOW_TABLE_MAP_FLAGS);
 
-/// The same for IPv6 flows (a separate table keeps the IPv4 key compact).
-/// Resized by userspace at load time, like `FLOWS`.
+/// The flow table's key, size and eviction setting (one element), written by
+/// userspace at load time.
 #[map]
-pub static FLOWS6: LruHashMap<FlowKey6, FlowEntry> =
-    LruHashMap::with_max_entries(FLOWS_DEFAULT_ENTRIES, FLOWS_MAP_FLAGS);
+pub static FLOW_PARAMS: Array<FlowParams> = Array::with_max_entries(1, 0);
 
 /// ICMP answer budget of each CPU: [time of the last refill (ns), tokens]
 /// (see `lb_common::ICMP_BURST`). Not pinned: a restart may start afresh.

@@ -31,6 +31,8 @@ pub struct Flow<A> {
     /// A TCP SYN (without ACK) or any UDP datagram: a packet that may start a
     /// flow, as opposed to one in the middle of a TCP connection.
     pub opens: bool,
+    /// A TCP FIN or RST: the flow is ending, its entry may be reused first.
+    pub closes: bool,
 }
 
 pub enum Parsed {
@@ -75,7 +77,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Flow<[u8; 4]>, Verdict> {
         return Err(Verdict::Pass(Stat::PassFragment));
     }
     // IHL counts 32-bit words and honours IP options.
-    let (sport, dport, opens) = ports(ctx, EthHdr::LEN + ihl * 4, ip.proto)?;
+    let (sport, dport, opens, closes) = ports(ctx, EthHdr::LEN + ihl * 4, ip.proto)?;
     Ok(Flow {
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -83,6 +85,7 @@ fn parse_v4(ctx: &XdpContext) -> Result<Flow<[u8; 4]>, Verdict> {
         dport,
         proto: ip.proto,
         opens,
+        closes,
     })
 }
 
@@ -136,7 +139,7 @@ fn parse_v6(ctx: &XdpContext) -> Result<Flow<[u8; 16]>, Verdict> {
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Err(Verdict::Pass(Stat::PassNotTcpUdp));
     }
-    let (sport, dport, opens) = ports(ctx, l4, next)?;
+    let (sport, dport, opens, closes) = ports(ctx, l4, next)?;
     Ok(Flow {
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -144,13 +147,14 @@ fn parse_v6(ctx: &XdpContext) -> Result<Flow<[u8; 16]>, Verdict> {
         dport,
         proto: next,
         opens,
+        closes,
     })
 }
 
-/// Source and destination port of the TCP or UDP header at `l4`, and whether
-/// the packet may open a flow.
+/// Source and destination port of the TCP or UDP header at `l4`, whether
+/// the packet may open a flow and whether it ends one.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, bool), Verdict> {
+fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, bool, bool), Verdict> {
     if proto == IPPROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Verdict::Drop(Stat::DropTruncatedL4))?;
         // SAFETY: bounds-checked by ptr_at.
@@ -160,6 +164,7 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, bool), Ver
             u16::from_be_bytes(tcp.source),
             u16::from_be_bytes(tcp.dest),
             syn_only,
+            tcp.fin() != 0 || tcp.rst() != 0,
         ))
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Verdict::Drop(Stat::DropTruncatedL4))?;
@@ -169,6 +174,7 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u16, u16, bool), Ver
             u16::from_be_bytes(udp.src),
             u16::from_be_bytes(udp.dst),
             true,
+            false,
         ))
     }
 }

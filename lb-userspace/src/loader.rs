@@ -11,6 +11,7 @@
 use std::{
     io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -21,7 +22,11 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{PROGRAM_NAME, map_names};
+use lb_common::{
+    PROGRAM_NAME,
+    flow_table::{FlowParams, flow_table_buckets},
+    map_names,
+};
 
 use crate::{map_layout, pins};
 
@@ -43,6 +48,8 @@ pub enum LoadError {
     Program(#[from] ProgramError),
     #[error("program {PROGRAM_NAME} is missing from the eBPF object")]
     MissingProgram,
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
     #[error(
         "pinned map {path} has {what} {found}, this config/build needs {wanted}; \
          remove the old state first (`lb stop`, or `lb decap --stop` for decap's)"
@@ -67,26 +74,33 @@ pub enum LoadError {
     UnsafePinPath { path: PathBuf, why: String },
 }
 
-/// Map sizes fixed at load time.
+/// Map sizes, and the flow table's settings, fixed at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     pub table_size: u32,
     pub max_vips: u32,
+    /// IPv4 and IPv6 flows the one flow table is sized for (together).
     pub max_flows: u32,
     pub max_flows_v6: u32,
+    /// `flow_table.idle_evict`.
+    pub idle_evict: Duration,
 }
 
 impl Sizes {
     /// The capacities set at load time, by map.
-    pub fn capacities(&self) -> [(&'static str, u32); 3] {
+    pub fn capacities(&self) -> [(&'static str, u32); 2] {
         [
             (
                 map_names::MAGLEV,
                 lb_common::maglev_entries(self.max_vips, self.table_size),
             ),
-            (map_names::FLOWS, self.max_flows),
-            (map_names::FLOWS6, self.max_flows_v6),
+            (map_names::FLOW_TABLE, self.flow_buckets()),
         ]
+    }
+
+    /// Buckets of the flow table.
+    pub fn flow_buckets(&self) -> u32 {
+        flow_table_buckets(self.max_flows as u64 + self.max_flows_v6 as u64)
     }
 }
 
@@ -145,12 +159,14 @@ fn lock_dir(pin_dir: &Path) -> Result<PinLock, LoadError> {
 /// Creates (or, with `pin_dir`, opens or creates and pins) the maps, sized for
 /// `sizes`, and loads the program through the verifier. Nothing is attached.
 /// Pinned maps that differ from what this build and `sizes` create are
-/// refused before anything is loaded.
+/// refused before anything is loaded. The flow table's parameters are
+/// written before the program can run (see [`flow_params`]).
 pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     for (map, entries) in sizes.capacities() {
         loader.map_max_entries(map, entries);
     }
+    let adopted_params = pin_dir.is_some_and(|dir| map_pin(dir, map_names::FLOW_PARAMS).exists());
     if let Some(dir) = pin_dir {
         pins::prepare(&dir.join("maps"))?;
         map_layout::check_pins(EBPF_OBJECT, dir, &map_names::ALL, &sizes.capacities())?;
@@ -159,8 +175,55 @@ pub fn load(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    flow_params(&mut ebpf, &sizes, adopted_params)?;
     program(&mut ebpf)?.load()?;
     Ok(ebpf)
+}
+
+/// Writes the flow table's parameters. The key is the table's own: a new
+/// table gets a fresh random one (per host, unrelated to the Maglev seed);
+/// an adopted table keeps the key its entries were made with, or they could
+/// not be found again.
+fn flow_params(ebpf: &mut Ebpf, sizes: &Sizes, adopted: bool) -> Result<(), LoadError> {
+    let name = map_names::FLOW_PARAMS;
+    let map_error = |e: aya::maps::MapError| LoadError::Io {
+        path: PathBuf::from(name),
+        source: io::Error::other(e.to_string()),
+    };
+    let map = ebpf.map_mut(name).ok_or(LoadError::MissingMap { name })?;
+    let mut params: aya::maps::Array<_, FlowParams> =
+        aya::maps::Array::try_from(map).map_err(map_error)?;
+    let old = params.get(&0, 0).map_err(map_error)?;
+    let key = if adopted && old.key != [0, 0] {
+        old.key
+    } else {
+        random_key()?
+    };
+    let new = FlowParams {
+        key,
+        buckets: sizes.flow_buckets(),
+        _pad: 0,
+        idle_evict_ns: sizes.idle_evict.as_nanos().min(u64::MAX as u128) as u64,
+    };
+    params.set(0, new, 0).map_err(map_error)
+}
+
+/// 128 bits from the kernel's random source.
+fn random_key() -> Result<[u64; 2], LoadError> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(LoadError::Io {
+            path: PathBuf::from("getrandom"),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let (a, b) = bytes.split_at(8);
+    Ok([
+        u64::from_ne_bytes(a.try_into().expect("8 bytes")),
+        u64::from_ne_bytes(b.try_into().expect("8 bytes")),
+    ])
 }
 
 /// The load balancer's XDP program inside `ebpf`.
@@ -374,7 +437,7 @@ mod tests {
     #[test]
     fn remove_pins_removes_only_what_lb_pins() {
         let dir = scratch("remove");
-        for f in ["link", "maps/VIPS", "maps/FLOWS"] {
+        for f in ["link", "maps/VIPS", "maps/FLOW_TABLE"] {
             std::fs::write(dir.join(f), "").unwrap();
         }
         std::fs::write(dir.join("someone-elses-pin"), "").unwrap();
@@ -402,7 +465,7 @@ mod tests {
     fn any_pinned_map_counts_as_state_to_adopt() {
         let dir = scratch("pinned");
         assert!(!is_pinned(&dir));
-        std::fs::write(dir.join("maps/FLOWS"), "").unwrap();
+        std::fs::write(dir.join("maps/FLOW_TABLE"), "").unwrap();
         assert!(
             is_pinned(&dir),
             "flows alone must not be mistaken for a fresh start"

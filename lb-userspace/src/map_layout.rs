@@ -12,9 +12,6 @@ use aya::maps::MapInfo;
 
 use crate::loader::{LoadError, map_pin};
 
-/// `BPF_F_NO_COMMON_LRU`: an LRU hash map with a list per CPU.
-const NO_COMMON_LRU: u32 = 1 << 1;
-
 /// Type, key and value sizes, capacity and flags of a map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
@@ -55,17 +52,12 @@ pub fn check_pins(
 /// Every map of `object` as the kernel would create it.
 fn layouts(object: &[u8], entries: &[(&str, u32)]) -> Result<HashMap<String, Layout>, LoadError> {
     let parsed = aya_obj::Object::parse(object).map_err(aya::EbpfError::from)?;
-    let cpus = aya::util::nr_cpus().ok().map(|n| n as u32);
     Ok(parsed
         .maps
         .iter()
         .map(|(name, m)| {
             let given = entries.iter().find(|(n, _)| n == name).map(|&(_, e)| e);
-            let mut entries = given.unwrap_or(m.max_entries());
-            if m.map_flags() & NO_COMMON_LRU != 0 {
-                // Unknown CPU count: compare against what the kernel reports.
-                entries = cpus.map_or(u32::MAX, |cpus| per_cpu_lru_entries(entries, cpus));
-            }
+            let entries = given.unwrap_or(m.max_entries());
             let layout = Layout {
                 map_type: m.map_type(),
                 key: m.key_size(),
@@ -76,16 +68,6 @@ fn layouts(object: &[u8], entries: &[(&str, u32)]) -> Result<HashMap<String, Lay
             (name.clone(), layout)
         })
         .collect())
-}
-
-/// `n` rounded up to a multiple of `cpus`, or down when that overflows, as
-/// the kernel's `htab_map_alloc` does for `BPF_F_NO_COMMON_LRU`: a pinned
-/// flow table is compared against that capacity.
-fn per_cpu_lru_entries(n: u32, cpus: u32) -> u32 {
-    let cpus = cpus.max(1);
-    n.div_ceil(cpus)
-        .checked_mul(cpus)
-        .unwrap_or(n / cpus * cpus)
 }
 
 fn check_pinned(path: &Path, want: &Layout) -> Result<(), LoadError> {
@@ -133,26 +115,13 @@ mod tests {
     use crate::loader::{EBPF_OBJECT, Sizes};
 
     #[test]
-    fn flow_tables_are_sized_like_the_kernel_sizes_per_cpu_lru_maps() {
-        assert_eq!(per_cpu_lru_entries(1024, 2), 1024);
-        assert_eq!(per_cpu_lru_entries(1025, 2), 1026);
-        assert_eq!(per_cpu_lru_entries(1024, 6), 1026);
-        assert_eq!(per_cpu_lru_entries(262_144, 48), 262_176);
-        assert_eq!(
-            per_cpu_lru_entries(u32::MAX, 2),
-            u32::MAX - 1,
-            "rounded down"
-        );
-        assert_eq!(per_cpu_lru_entries(7, 0), 7, "no CPU count: as is");
-    }
-
-    #[test]
     fn every_map_lb_pins_has_a_layout_with_load_time_capacities() {
         let sizes = Sizes {
             table_size: 251,
             max_vips: 2,
             max_flows: 1000,
             max_flows_v6: 2000,
+            idle_evict: std::time::Duration::from_secs(60),
         };
         let all = layouts(EBPF_OBJECT, &sizes.capacities()).unwrap();
         for map in map_names::ALL {
@@ -162,8 +131,13 @@ mod tests {
             all[map_names::MAGLEV].entries,
             lb_common::maglev_entries(2, 251)
         );
-        assert!(all[map_names::FLOWS].entries >= 1000);
-        assert!(all[map_names::FLOWS6].entries >= 2000);
+        let flows = all[map_names::FLOW_TABLE];
+        assert_eq!(
+            flows.entries as usize * lb_common::flow_table::WAYS,
+            2 * 3000,
+            "two entries per configured flow of either family"
+        );
+        assert_eq!(flows.value, 64, "a bucket is one cache line");
         let stats = all[map_names::VIP_STATS];
         assert_eq!(stats.entries, MAX_VIPS);
         assert_eq!(stats.value as usize, size_of::<Traffic>());

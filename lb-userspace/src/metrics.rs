@@ -359,6 +359,27 @@ fn register_status(r: &Registry, s: &Status) {
         "Flow-table results for VIP packets.",
         &["result"],
     );
+    let evictions = counter(
+        r,
+        "lb_flow_table_evictions_total",
+        "Flow-table entries a new flow took from another flow, by kind (closed, expired, single_packet, idle).",
+        &["kind"],
+    );
+    let untracked = counter(
+        r,
+        "lb_flow_table_untracked_total",
+        "Flows placed without a flow-table entry (their bucket held only active established flows): forwarded by the Maglev table.",
+        &[],
+    );
+    let entries = gauge(
+        r,
+        "lb_flow_table_entries",
+        "Flow-table entries in use, by family.",
+        &["family"],
+    );
+    for (family, &n) in &s.flow_table_entries {
+        entries.with_label_values(&[family]).set(n as f64);
+    }
     let icmp = counter(
         r,
         "lb_icmp_replies_total",
@@ -374,6 +395,10 @@ fn register_status(r: &Registry, s: &Status) {
             passes.with_label_values(&[reason]).inc_by(value);
         } else if let Some(result) = name.strip_prefix("flow_") {
             lookups.with_label_values(&[result]).inc_by(value);
+        } else if let Some(kind) = name.strip_prefix("evict_") {
+            evictions.with_label_values(&[kind]).inc_by(value);
+        } else if name == "untracked" {
+            untracked.with_label_values::<&str>(&[]).inc_by(value);
         } else if let Some(kind) = name.strip_prefix("icmp_") {
             icmp.with_label_values(&[kind]).inc_by(value);
         }
@@ -420,7 +445,10 @@ mod tests {
                 ("pass_not_vip".into(), 3),
                 ("flow_hit".into(), 5),
                 ("icmp_too_big".into(), 4),
+                ("evict_single_packet".into(), 6),
+                ("untracked".into(), 8),
             ]),
+            flow_table_entries: BTreeMap::from([("ipv4".into(), 10), ("ipv6".into(), 1)]),
             vips: vec![VipStatus {
                 name: "web".into(),
                 vip: "10.0.0.1:80".into(),
@@ -472,6 +500,10 @@ mod tests {
             r#"lb_drops_total{reason="no_backend"} 2"#,
             r#"lb_passes_total{reason="not_vip"} 3"#,
             r#"lb_flow_table_lookups_total{result="hit"} 5"#,
+            r#"lb_flow_table_evictions_total{kind="single_packet"} 6"#,
+            "lb_flow_table_untracked_total 8",
+            r#"lb_flow_table_entries{family="ipv4"} 10"#,
+            r#"lb_flow_table_entries{family="ipv6"} 1"#,
             r#"lb_icmp_replies_total{kind="too_big"} 4"#,
             r#"lb_xdp_attached{interface="eth0",mode="native"} 1"#,
             r#"lb_build_info{version="0.1.0"} 1"#,

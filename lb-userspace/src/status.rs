@@ -28,11 +28,14 @@ pub struct Status {
     /// The config the maps express, a pending one, and the last error.
     pub config: ConfigStatus,
     /// Every global counter by name (`action_*`, `pass_*`, `drop_*`, `flow_*`,
-    /// `icmp_*`).
+    /// `evict_*`, `untracked`, `icmp_*`).
     pub counters: BTreeMap<String, u64>,
     /// The `bgp` settings and the shutdown phase; `None` without a `bgp`
     /// section.
     pub bgp: Option<BgpStatus>,
+    /// Flow-table entries in use, by family (`ipv4`, `ipv6`).
+    #[serde(default)]
+    pub flow_table_entries: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
 }
 
@@ -185,6 +188,11 @@ pub fn build(i: &Inputs) -> Status {
             phase: i.bgp.phase(),
             settings,
         }),
+        flow_table_entries: ["ipv4", "ipv6"]
+            .into_iter()
+            .zip(i.counters.flow_entries)
+            .map(|(family, n)| (family.to_string(), n))
+            .collect(),
         vips,
     }
 }

@@ -13,6 +13,7 @@ pub struct ConfigYaml {
     table_size: u32,
     max_vips: Option<u32>,
     udp_idle_timeout: Option<&'static str>,
+    max_flows: Option<u32>,
     vips: Vec<VipYaml>,
 }
 
@@ -24,6 +25,7 @@ impl ConfigYaml {
             table_size: 65537,
             max_vips: None,
             udp_idle_timeout: None,
+            max_flows: None,
             vips: vips.into_iter().collect(),
         }
     }
@@ -42,6 +44,12 @@ impl ConfigYaml {
         self.udp_idle_timeout = Some(duration);
         self
     }
+
+    /// `flow_table.max_flows` (and so `max_flows_v6`, which defaults to it).
+    pub fn max_flows(mut self, n: u32) -> Self {
+        self.max_flows = Some(n);
+        self
+    }
 }
 
 /// The Maglev seed every packet-tier config uses.
@@ -58,8 +66,16 @@ impl fmt::Display for ConfigYaml {
         if let Some(n) = self.max_vips {
             writeln!(f, "max_vips: {n}")?;
         }
-        if let Some(t) = self.udp_idle_timeout {
-            writeln!(f, "flow_table: {{ udp_idle_timeout: {t} }}")?;
+        let flow_table: Vec<String> = [
+            self.udp_idle_timeout
+                .map(|t| format!("udp_idle_timeout: {t}")),
+            self.max_flows.map(|n| format!("max_flows: {n}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !flow_table.is_empty() {
+            writeln!(f, "flow_table: {{ {} }}", flow_table.join(", "))?;
         }
         writeln!(f, "vips:")?;
         self.vips.iter().try_for_each(|v| write!(f, "{v}"))

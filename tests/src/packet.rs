@@ -106,13 +106,33 @@ impl Harness {
     /// Loads the program (maps not pinned) and applies `config` with every
     /// backend healthy and `neighbours`.
     pub fn new(config: &str, neighbours: &Neighbours) -> anyhow::Result<Harness> {
+        Harness::load(config, neighbours, None)
+    }
+
+    /// [`Harness::new`] with the maps pinned under `pin_dir`: adopted, as a
+    /// restarted `lb run` adopts them, when they are pinned there already.
+    pub fn pinned(
+        config: &str,
+        neighbours: &Neighbours,
+        pin_dir: &Path,
+    ) -> anyhow::Result<Harness> {
+        Harness::load(config, neighbours, Some(pin_dir))
+    }
+
+    fn load(
+        config: &str,
+        neighbours: &Neighbours,
+        pin_dir: Option<&Path>,
+    ) -> anyhow::Result<Harness> {
         let config = Config::parse(config, Path::new("packet-test.yaml"))?;
-        let mut ebpf = loader::load(config.sizes(), None)?;
-        let reconciler = Reconciler::new(
-            AyaDataplane::new(&mut ebpf)?,
-            config.table_size,
-            config.max_vips,
-        );
+        let adopting = pin_dir.is_some_and(loader::is_pinned);
+        let mut ebpf = loader::load(config.sizes(), pin_dir)?;
+        let dp = AyaDataplane::new(&mut ebpf)?;
+        let reconciler = if adopting {
+            Reconciler::adopt(dp, config.table_size, config.max_vips)?.0
+        } else {
+            Reconciler::new(dp, config.table_size, config.max_vips)
+        };
         let mut h = Harness {
             ebpf,
             reconciler,

@@ -12,7 +12,7 @@ fn the_benchmark_runs_and_reports_every_figure() {
         return;
     }
     let report = bench::run(&Settings::smoke()).expect("bench runs");
-    assert_eq!(report.per_packet.len(), 12);
+    assert_eq!(report.per_packet.len(), 13);
     for c in &report.per_packet {
         assert!(c.a_ns.median > 0.0 && c.a_ratio.median.is_finite(), "{c:?}");
         assert_eq!(

@@ -437,9 +437,9 @@ fn table_swaps_are_atomic_under_traffic() {
     println!("{checked} packets checked during {SWAPS} swaps");
 }
 
-/// The kernel rounds a per-CPU LRU map's capacity to a multiple of the
-/// possible CPUs; a restarted `lb` must still adopt the flow tables it pinned
-/// (1025 entries: rounded on any machine with an even CPU count).
+/// A restarted `lb` adopts the flow table it pinned whatever the configured
+/// capacity (1025 flows per family: no round number of buckets; the kernel's
+/// per-CPU LRU maps, which this table replaced, rounded such capacities).
 #[test]
 fn pinned_flow_tables_the_kernel_resized_are_adopted() {
     if !root_or_skip("pinned_flow_tables_the_kernel_resized_are_adopted") {
@@ -460,6 +460,7 @@ fn pinned_flow_tables_the_kernel_resized_are_adopted() {
         max_vips: 1,
         max_flows: 1025,
         max_flows_v6: 1025,
+        idle_evict: std::time::Duration::from_secs(60),
     };
     drop(lb_userspace::loader::load(sizes, Some(&pins.0)).expect("first load pins"));
     lb_userspace::loader::load(sizes, Some(&pins.0)).expect("adopts its own pinned tables");

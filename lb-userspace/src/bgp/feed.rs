@@ -186,6 +186,7 @@ mod tests {
             ready: true,
             config: Default::default(),
             counters: BTreeMap::new(),
+            flow_table_entries: BTreeMap::new(),
             bgp: Some(BgpStatus {
                 phase,
                 settings: Bgp {

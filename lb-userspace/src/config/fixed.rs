@@ -33,6 +33,7 @@ impl Fixed {
                     max_vips,
                     max_flows,
                     max_flows_v6,
+                    idle_evict,
                 },
             pin_path,
             admin_listen,
@@ -48,6 +49,7 @@ impl Fixed {
                 "flow_table.max_flows_v6",
                 *max_flows_v6 != new.sizes.max_flows_v6,
             ),
+            ("flow_table.idle_evict", *idle_evict != new.sizes.idle_evict),
             ("pin_path", *pin_path != new.pin_path),
             ("admin.listen", *admin_listen != new.admin_listen),
             (
@@ -80,6 +82,7 @@ impl Config {
             max_vips: self.max_vips,
             max_flows: self.max_flows,
             max_flows_v6: self.max_flows_v6,
+            idle_evict: self.flow_idle_evict,
         }
     }
 }

@@ -124,11 +124,15 @@ pub struct Config {
     pub table_size: u32,
     pub seed: u32,
     pub max_vips: u32,
-    /// Capacity of the IPv4 flow table.
+    /// IPv4 flows the flow table is sized for (one table holds both
+    /// families, two entries per configured flow).
     pub max_flows: u32,
-    /// Capacity of the IPv6 flow table.
+    /// IPv6 flows the flow table is sized for.
     pub max_flows_v6: u32,
     pub udp_idle_timeout: Duration,
+    /// An established flow idle for longer than this may lose its entry to
+    /// a new flow whose bucket is full (`flow_table.idle_evict`).
+    pub flow_idle_evict: Duration,
     pub pin_path: PathBuf,
     /// Where the admin HTTP listener (metrics, status, readiness) binds.
     pub admin_listen: SocketAddr,

@@ -72,9 +72,12 @@ impl Default for RawMaglev {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawFlowTable {
     pub(super) max_flows: i64,
-    /// Capacity of the IPv6 flow table; defaults to `max_flows`.
+    /// IPv6 flows the flow table is sized for; defaults to `max_flows`.
     pub(super) max_flows_v6: Option<i64>,
     pub(super) udp_idle_timeout: String,
+    /// An established flow idle for longer than this may lose its entry to
+    /// a new flow whose bucket is full.
+    pub(super) idle_evict: String,
 }
 
 impl Default for RawFlowTable {
@@ -83,6 +86,7 @@ impl Default for RawFlowTable {
             max_flows: DEFAULT_FLOW_TABLE_SIZE.into(),
             max_flows_v6: None,
             udp_idle_timeout: "30s".into(),
+            idle_evict: "60s".into(),
         }
     }
 }

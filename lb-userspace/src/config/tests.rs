@@ -393,6 +393,7 @@ fn defaults_for_health_flows_and_pinning() {
         (c.max_flows, c.udp_idle_timeout),
         (DEFAULT_FLOW_TABLE_SIZE, Duration::from_secs(30))
     );
+    assert_eq!(c.flow_idle_evict, Duration::from_secs(60));
     assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/lb/eth0"));
     assert_eq!(c.admin_listen, "127.0.0.1:9742".parse().unwrap());
     assert_eq!(c.shutdown_grace, Duration::ZERO);
@@ -514,6 +515,14 @@ fn rejects_unknown_states_policies_and_bad_flow_settings() {
     );
     let e = error_with(
         "xdp_mode: native",
+        "xdp_mode: native\nflow_table: { idle_evict: 10ms }",
+    );
+    assert!(
+        e.contains("flow_table.idle_evict") && e.contains("at least 1s"),
+        "{e}"
+    );
+    let e = error_with(
+        "xdp_mode: native",
         "xdp_mode: native\nadmin: { listen: localhost }",
     );
     assert!(
@@ -613,6 +622,11 @@ fn a_reload_names_exactly_the_fixed_settings_it_changes() {
             "flow_table: { max_flows_v6: 2048 }",
             &["flow_table.max_flows_v6"],
         ),
+        (
+            "xdp_mode: native",
+            "flow_table: { idle_evict: 5m }",
+            &["flow_table.idle_evict"],
+        ),
         ("xdp_mode: native", "pin_path: /sys/fs/bpf/x", &["pin_path"]),
         (
             "xdp_mode: native",
@@ -628,7 +642,7 @@ fn a_reload_names_exactly_the_fixed_settings_it_changes() {
 fn the_maps_are_sized_from_the_fixed_settings() {
     let text = GOOD.replacen(
         "xdp_mode: native",
-        "max_vips: 4\nflow_table: { max_flows: 2048, max_flows_v6: 4096 }",
+        "max_vips: 4\nflow_table: { max_flows: 2048, max_flows_v6: 4096, idle_evict: 2m }",
         1,
     );
     let c = parse(&text).expect("valid");
@@ -639,6 +653,7 @@ fn the_maps_are_sized_from_the_fixed_settings() {
             max_vips: 4,
             max_flows: 2048,
             max_flows_v6: 4096,
+            idle_evict: Duration::from_secs(120),
         }
     );
     assert_eq!(c.fixed().sizes, c.sizes());

@@ -7,7 +7,7 @@ use aya::{
 };
 use lb_common::{
     BackendEntry, GlobalConfig, MAX_BACKENDS, MAX_VIPS, StatBlock, Traffic, VipEntry, VipKey,
-    map_names,
+    flow_table::FlowBucket, map_names,
 };
 
 use super::{Counters, Dataplane, DataplaneError, Snapshot, VipFilter};
@@ -16,6 +16,7 @@ pub struct AyaDataplane {
     vips: HashMap<MapData, VipKey, VipEntry>,
     backends: Array<MapData, BackendEntry>,
     maglev: MappedSlots,
+    flows: MappedFlows,
     config: Array<MapData, GlobalConfig>,
     vip_filter: Array<MapData, u64>,
     stats: PerCpuArray<MapData, StatBlock>,
@@ -46,7 +47,16 @@ impl AyaDataplane {
                 });
             }
         };
+        let flows = match ebpf.take_map(map_names::FLOW_TABLE) {
+            Some(aya::maps::Map::Array(data)) => MappedFlows::new(data)?,
+            _ => {
+                return Err(DataplaneError::MissingMap {
+                    map: map_names::FLOW_TABLE,
+                });
+            }
+        };
         Ok(Self {
+            flows,
             vips: take(ebpf, map_names::VIPS)?,
             backends: take(ebpf, map_names::BACKENDS)?,
             maglev,
@@ -150,6 +160,7 @@ impl Dataplane for AyaDataplane {
             stats,
             vips: sum_traffic(&self.vip_stats, map_names::VIP_STATS, MAX_VIPS)?,
             backends: sum_traffic(&self.backend_stats, map_names::BACKEND_STATS, MAX_BACKENDS)?,
+            flow_entries: self.flows.entries(),
         })
     }
 
@@ -178,34 +189,36 @@ impl Dataplane for AyaDataplane {
     }
 }
 
-/// The `MAGLEV` array (created with `BPF_F_MMAPABLE`) mapped into this
-/// process: a table half is written with plain stores instead of a system
-/// call per slot. Userspace only writes the half no VIP entry names (plus a
-/// grace period after a swap, see reconcile), so packets read a complete table.
-struct MappedSlots {
-    ptr: std::ptr::NonNull<u32>,
-    len: usize,
+/// An array map created with `BPF_F_MMAPABLE`, mapped into this process.
+struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
     bytes: usize,
     /// Keeps the map (and so the mapping's object) alive.
     _map: MapData,
 }
 
-impl MappedSlots {
-    fn new(map: MapData) -> Result<Self, DataplaneError> {
+impl Mapping {
+    /// Maps the whole value area of `map` (`max_entries * value_size`
+    /// bytes), read-only unless `writable`.
+    fn new(map: MapData, name: &'static str, writable: bool) -> Result<Self, DataplaneError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let info = map.info().map_err(map_err(map_names::MAGLEV))?;
-        // Slots (u32), two per element.
-        let len = info.max_entries() as usize * 2;
+        let info = map.info().map_err(map_err(name))?;
+        let len = info.max_entries() as usize * info.value_size() as usize;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let bytes = (len * 4).div_ceil(page) * page;
+        let bytes = len.div_ceil(page).max(1) * page;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: maps `bytes` of the map's memory, shared with the kernel;
         // the fd is valid for the call and the mapping outlives it.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 0,
@@ -214,13 +227,47 @@ impl MappedSlots {
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
         }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u32>())
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
             .ok_or(DataplaneError::Mmap(std::io::Error::other("null mapping")))?;
         Ok(Self {
             ptr,
-            len,
             bytes,
             _map: map,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+// SAFETY: the mapping is owned by this value; writes go through `&mut self`
+// of its owner.
+unsafe impl Send for Mapping {}
+
+/// The `MAGLEV` array mapped into this process: a table half is written with
+/// plain stores instead of a system call per slot. Userspace only writes the
+/// half no VIP entry names (plus a grace period after a swap, see
+/// reconcile), so packets read a complete table.
+struct MappedSlots {
+    mapping: Mapping,
+    /// Slots (u32), two per element.
+    len: usize,
+}
+
+impl MappedSlots {
+    fn new(map: MapData) -> Result<Self, DataplaneError> {
+        let len = map
+            .info()
+            .map_err(map_err(map_names::MAGLEV))?
+            .max_entries() as usize
+            * 2;
+        Ok(Self {
+            mapping: Mapping::new(map, map_names::MAGLEV, true)?,
+            len,
         })
     }
 
@@ -233,13 +280,13 @@ impl MappedSlots {
                 capacity: self.len as u32,
             });
         }
+        let words = self.mapping.ptr.as_ptr().cast::<u32>();
         // Each slot is stored whole (an aligned 32-bit store), so a reader
         // still on this half never sees a torn id.
         for (i, &id) in slots.iter().enumerate() {
             // SAFETY: in range (checked above) and 4-byte aligned (the
             // mapping is page aligned); the kernel only reads these words.
-            let slot =
-                unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ptr.as_ptr().add(start + i)) };
+            let slot = unsafe { std::sync::atomic::AtomicU32::from_ptr(words.add(start + i)) };
             slot.store(id, std::sync::atomic::Ordering::Relaxed);
         }
         // The VIP entry update that publishes the half is a system call,
@@ -248,13 +295,33 @@ impl MappedSlots {
     }
 }
 
-impl Drop for MappedSlots {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
+/// The `FLOW_TABLE` array mapped read-only: its entries are counted without
+/// a system call per bucket (the program is the table's only writer).
+struct MappedFlows {
+    mapping: Mapping,
+    buckets: usize,
 }
 
-// SAFETY: the mapping is owned by this value and only written through
-// `&mut self`.
-unsafe impl Send for MappedSlots {}
+impl MappedFlows {
+    fn new(map: MapData) -> Result<Self, DataplaneError> {
+        let name = map_names::FLOW_TABLE;
+        let info = map.info().map_err(map_err(name))?;
+        if info.value_size() as usize != size_of::<FlowBucket>() {
+            return Err(DataplaneError::Layout { map: name });
+        }
+        Ok(Self {
+            buckets: info.max_entries() as usize,
+            mapping: Mapping::new(map, name, false)?,
+        })
+    }
+
+    /// Entries in use, `[IPv4, IPv6]`.
+    fn entries(&self) -> [u64; 2] {
+        // SAFETY: the mapping holds `buckets` page-aligned buckets and lives
+        // as long as `self`; `count_entries` reads them with volatile loads.
+        let buckets = unsafe {
+            std::slice::from_raw_parts(self.mapping.ptr.as_ptr().cast::<FlowBucket>(), self.buckets)
+        };
+        lb_common::flow_table::count_entries(buckets)
+    }
+}

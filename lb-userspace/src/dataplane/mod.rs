@@ -20,7 +20,7 @@ pub enum DataplaneError {
     Layout { map: &'static str },
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
-    #[error("mapping the Maglev map: {0}")]
+    #[error("mapping an mmap-able map: {0}")]
     Mmap(std::io::Error),
     #[error("table of {len} slots at {base} does not fit the Maglev map ({capacity} slots)")]
     TableOutOfRange {
@@ -49,6 +49,8 @@ pub struct Counters {
     pub vips: Vec<Traffic>,
     /// Indexed by backend id.
     pub backends: Vec<Traffic>,
+    /// Flow-table entries in use, `[IPv4, IPv6]` (counted from the table).
+    pub flow_entries: [u64; 2],
 }
 
 impl Counters {
@@ -83,6 +85,7 @@ impl Counters {
             stats: vec![0; STAT_COUNT as usize],
             vips: vec![Traffic::default(); lb_common::MAX_VIPS as usize],
             backends: vec![Traffic::default(); lb_common::MAX_BACKENDS as usize],
+            flow_entries: [0; 2],
         }
     }
 }

@@ -19,8 +19,10 @@ pub(super) enum Instance {
     /// The load balancer, its flow table holding only what the cases add.
     Lb,
     /// Another load balancer whose flow table was filled with
-    /// `Settings::many_flows` flows first.
+    /// `Settings::many_flows` single-packet flows (SYNs) first.
     LbFullTable,
+    /// Another one filled with as many established flows (SYN and ACK).
+    LbEstablishedTable,
 }
 
 /// What a case sends.
@@ -177,6 +179,14 @@ pub(super) fn all() -> Vec<Case> {
             LbFullTable,
             new_flow_packet,
             1 << 32,
+        ),
+        // New flows meeting only established flows: the eviction path.
+        Case::new_flows(
+            "TCP SYN, new flow, table full of established flows, L2",
+            Some(5.5),
+            LbEstablishedTable,
+            new_flow_packet,
+            2 << 32,
         ),
         Case::same(
             "TCP established (flow hit), IPIP",

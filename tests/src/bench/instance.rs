@@ -22,7 +22,7 @@ use crate::{
         CLIENT6, LB, VIP, VIP6, backend_address, backend_address6, routed_backend_address,
         routed_backend_address6,
     },
-    packet::{neighbours, routed_neighbours, tcp_syn},
+    packet::{neighbours, routed_neighbours, tcp_ack, tcp_syn},
 };
 
 /// The port of the `ipip` VIPs (both families).
@@ -115,24 +115,26 @@ impl LbInstance {
         Ok(loader::program(&mut self.ebpf)?)
     }
 
-    /// Inserts `n` distinct flows (TCP SYNs from 11.x.y.z), an equal share
-    /// from each CPU: each CPU owns its share of the LRU's capacity.
-    pub(super) fn fill_flows(&mut self, n: u32) -> anyhow::Result<()> {
+    /// Inserts `n` distinct flows (TCP SYNs from 11.x.y.z, each followed by
+    /// an ACK when `established`), an equal share from each CPU.
+    pub(super) fn fill_flows(&mut self, n: u32, established: bool) -> anyhow::Result<()> {
         let cpus = online_cpus() as u64;
         let prog = self.prog()?;
         for cpu in 0..cpus {
             pin_to_cpu(cpu as usize)?;
             for n in (cpu..n as u64).step_by(cpus as usize) {
-                let p = tcp_syn(
+                let (src, sport) = (
                     Ipv4Addr::from(0x0b00_0000u32 + (n / 64512) as u32),
                     1024 + (n % 64512) as u16,
-                    VIP,
-                    80,
                 );
-                prog.test_run(TestRunOptions {
-                    data_in: Some(&p),
-                    ..TestRunOptions::default()
-                })?;
+                let syn = tcp_syn(src, sport, VIP, 80);
+                let ack = established.then(|| tcp_ack(src, sport, VIP, 80));
+                for p in std::iter::once(&syn).chain(ack.as_ref()) {
+                    prog.test_run(TestRunOptions {
+                        data_in: Some(p),
+                        ..TestRunOptions::default()
+                    })?;
+                }
             }
         }
         Ok(())

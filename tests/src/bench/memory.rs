@@ -29,6 +29,7 @@ pub fn memory(s: &Settings) -> anyhow::Result<Vec<MapMemory>> {
         max_vips: 16,
         max_flows: 262_144,
         max_flows_v6: 262_144,
+        idle_evict: std::time::Duration::from_secs(60),
     };
     let mut memory = vec![measure("default", default_sizes)?];
     if s.largest_memory {
@@ -37,6 +38,7 @@ pub fn memory(s: &Settings) -> anyhow::Result<Vec<MapMemory>> {
             max_vips: lb_common::MAX_VIPS,
             max_flows: 16_777_216,
             max_flows_v6: 16_777_216,
+            ..default_sizes
         };
         memory.push(measure("largest", largest)?);
     }

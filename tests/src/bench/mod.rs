@@ -50,9 +50,12 @@ pub struct Settings {
 impl Settings {
     pub fn full() -> Self {
         Self {
-            rounds: 5,
-            calls: 200_000,
-            repeat: 2_000_000,
+            // Many short rounds, interleaved: a disturbance of the shared
+            // machine spoils a few rounds of every case alike, and the
+            // median and quartiles of per-round ratios shrug it off.
+            rounds: 30,
+            calls: 20_000,
+            repeat: 200_000,
             many_flows: 1_000_000,
             many_flows_capacity: 1 << 20,
             flows_capacity: 1 << 21,
@@ -82,17 +85,35 @@ impl Settings {
 pub struct Stats {
     pub median: f64,
     pub min: f64,
+    pub max: f64,
+    /// First and third quartile: the interquartile range is `q3 - q1`.
+    pub q1: f64,
+    pub q3: f64,
 }
 
 impl Stats {
     fn of(mut v: Vec<f64>) -> Stats {
         v.sort_by(f64::total_cmp);
+        let at = |q: usize| v[(v.len() - 1) * q / 4];
         Stats {
             median: v[v.len() / 2],
             min: v[0],
+            max: v[v.len() - 1],
+            q1: at(1),
+            q3: at(3),
         }
     }
+
+    /// How far the figures spread, relative to their median: (max - min) /
+    /// median.
+    pub fn spread(&self) -> f64 {
+        (self.max - self.min) / self.median
+    }
 }
+
+/// Above this spread of the trivial program's own per-round time, the
+/// machine was too busy for the ratios to be trusted: the report says so.
+pub const CEILING_SPREAD_WARNING: f64 = 0.2;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

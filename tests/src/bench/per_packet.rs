@@ -38,6 +38,7 @@ struct Programs {
     pass: Ebpf,
     lb: LbInstance,
     full: LbInstance,
+    established: LbInstance,
 }
 
 impl Programs {
@@ -47,6 +48,7 @@ impl Programs {
             pass: baseline(TRIVIAL_PASS)?,
             lb: LbInstance::new(s.flows_capacity)?,
             full: LbInstance::new(s.many_flows_capacity)?,
+            established: LbInstance::new(s.many_flows_capacity)?,
         })
     }
 
@@ -56,6 +58,7 @@ impl Programs {
             Instance::Pass => xdp(&mut self.pass, TRIVIAL_PASS),
             Instance::Lb => self.lb.prog(),
             Instance::LbFullTable => self.full.prog(),
+            Instance::LbEstablishedTable => self.established.prog(),
         }
     }
 }
@@ -82,7 +85,8 @@ fn per_packet_pinned(s: &Settings) -> anyhow::Result<Vec<PacketCase>> {
     for case in &cases {
         prepare(programs.get(case.instance)?, case)?;
     }
-    programs.full.fill_flows(s.many_flows)?;
+    programs.full.fill_flows(s.many_flows, false)?;
+    programs.established.fill_flows(s.many_flows, true)?;
     pin_to_cpu(bench_cpu())?;
 
     let mut measured: Vec<Measured> = cases

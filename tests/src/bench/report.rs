@@ -1,15 +1,25 @@
 //! The report as a table.
 
-use super::Report;
+use super::{CEILING_SPREAD_WARNING, Report};
 
 /// The report as the table `cargo xtask bench` prints.
 pub fn render(r: &Report) -> String {
     let mut out = format!(
-        "Machine: {}\n\nPer-packet cost (BPF_PROG_TEST_RUN; ratios to the trivial XDP_TX program in the same round; median / min of rounds)\n",
+        "Machine: {}\n\nPer-packet cost (BPF_PROG_TEST_RUN; ratios to the trivial XDP_TX program in the same round; median [first - third quartile] of rounds)\n",
         r.machine
     );
+    if let Some(ceiling) = r.per_packet.first()
+        && ceiling.a_ns.spread() > CEILING_SPREAD_WARNING
+    {
+        out += &format!(
+            "WARNING: the trivial XDP_TX program's own time varied by {:.0}% across rounds (min {:.1} ns, max {:.1} ns): the machine was busy, ratios are less certain\n",
+            ceiling.a_ns.spread() * 100.0,
+            ceiling.a_ns.min,
+            ceiling.a_ns.max
+        );
+    }
     out += &format!(
-        "{:<48} {:>14} {:>9} {:>8} {:>14} {:>9}\n",
+        "{:<56} {:>22} {:>9} {:>10} {:>22} {:>9}\n",
         "case", "A ratio", "A ns", "target", "B ratio", "B ns"
     );
     for c in &r.per_packet {
@@ -19,16 +29,13 @@ pub fn render(r: &Report) -> String {
             None => String::new(),
         };
         let b = match (&c.b_ratio, &c.b_ns) {
-            (Some(r), Some(ns)) => (
-                format!("{:.2}x / {:.2}x", r.median, r.min),
-                format!("{:.1}", ns.median),
-            ),
+            (Some(r), Some(ns)) => (quartiles(r), format!("{:.1}", ns.median)),
             _ => ("n/a".into(), "n/a".into()),
         };
         out += &format!(
-            "{:<48} {:>14} {:>9.1} {:>8} {:>14} {:>9}\n",
+            "{:<56} {:>22} {:>9.1} {:>10} {:>22} {:>9}\n",
             c.case,
-            format!("{:.2}x / {:.2}x", c.a_ratio.median, c.a_ratio.min),
+            quartiles(&c.a_ratio),
             c.a_ns.median,
             target,
             b.0,
@@ -74,6 +81,11 @@ pub fn render(r: &Report) -> String {
         out += &format!("  {:<14} {:>14}\n", "total", human(m.total));
     }
     out
+}
+
+/// A ratio's median and interquartile range.
+fn quartiles(s: &super::Stats) -> String {
+    format!("{:.2}x [{:.2} - {:.2}]", s.median, s.q1, s.q3)
 }
 
 fn human(bytes: u64) -> String {

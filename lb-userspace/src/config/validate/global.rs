@@ -33,6 +33,7 @@ pub(super) struct Global {
     max_flows: u32,
     max_flows_v6: u32,
     udp_idle_timeout: Duration,
+    flow_idle_evict: Duration,
     pin_path: PathBuf,
     admin_listen: SocketAddr,
     shutdown_grace: Duration,
@@ -50,6 +51,7 @@ impl Global {
             max_flows: self.max_flows,
             max_flows_v6: self.max_flows_v6,
             udp_idle_timeout: self.udp_idle_timeout,
+            flow_idle_evict: self.flow_idle_evict,
             pin_path: self.pin_path,
             admin_listen: self.admin_listen,
             shutdown_grace: self.shutdown_grace,
@@ -130,6 +132,14 @@ pub(super) fn validate(p: &mut Problems, raw: &RawConfig) -> Option<Global> {
         }
         ok
     });
+    let flow_idle_evict = parse_duration(p, "flow_table.idle_evict", &raw.flow_table.idle_evict)
+        .filter(|d| {
+            let ok = *d >= Duration::from_secs(1);
+            if !ok {
+                p.add("flow_table.idle_evict", "must be at least 1s");
+            }
+            ok
+        });
     let pin_path = raw
         .pin_path
         .clone()
@@ -164,6 +174,7 @@ pub(super) fn validate(p: &mut Problems, raw: &RawConfig) -> Option<Global> {
         max_flows: max_flows as u32,
         max_flows_v6: max_flows_v6 as u32,
         udp_idle_timeout: udp_idle_timeout?,
+        flow_idle_evict: flow_idle_evict?,
         pin_path,
         admin_listen: admin_listen.ok()?,
         shutdown_grace: shutdown_grace?,
