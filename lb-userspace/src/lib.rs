@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bgp;
+pub mod change;
 pub mod config;
 pub mod dataplane;
 pub mod decap;

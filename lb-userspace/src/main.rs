@@ -43,7 +43,15 @@ enum Command {
         config: PathBuf,
     },
     /// Validate a config file and show how each VIP's table is shared.
-    CheckConfig { config: PathBuf },
+    CheckConfig {
+        config: PathBuf,
+        /// Also show what changing from this (running) config to CONFIG
+        /// does to each VIP: backends added, removed, re-weighted, the share
+        /// of table slots (new flows) that move, established flows kept or
+        /// re-placed.
+        #[arg(long, value_name = "OLD")]
+        against: Option<PathBuf>,
+    },
     /// On a backend: open IPIP packets addressed to this host in XDP, so the
     /// host needs no ipip module. Keeps running after exit, like `lb run`.
     Decap {
@@ -103,10 +111,17 @@ fn main() -> ExitCode {
         .init();
 
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config, against } => match Config::load(&config) {
             Ok(c) => {
                 print_plan(&config, &c);
-                ExitCode::SUCCESS
+                match against.map(|old| Config::load(&old)) {
+                    None => ExitCode::SUCCESS,
+                    Some(Ok(old)) => {
+                        print_change(&old, &c);
+                        ExitCode::SUCCESS
+                    }
+                    Some(Err(e)) => bad_config(&e),
+                }
             }
             Err(e) => bad_config(&e),
         },
@@ -258,6 +273,21 @@ fn check_pin_mount(pin_path: &std::path::Path, allow: bool) -> Result<(), ExitCo
         pin_path.display()
     );
     Err(ExitCode::FAILURE)
+}
+
+/// `check-config --against`: what going from `old` to `new` does.
+fn print_change(old: &Config, new: &Config) {
+    println!("\nChange from the running config:");
+    let fixed = old.fixed().changed(&new.fixed());
+    if !fixed.is_empty() {
+        println!(
+            "  {} cannot change while lb runs: a reload would be rejected (restart to apply)",
+            fixed.join(", ")
+        );
+    }
+    for line in lb_userspace::change::render(&lb_userspace::change::diff(old, new)).lines() {
+        println!("  {line}");
+    }
 }
 
 fn decap(

@@ -108,3 +108,42 @@ fn run_rejects_an_interface_that_does_not_exist() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_config_against_the_running_config_says_what_moves() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-against-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = std::fs::read_to_string(config_path("demo.yaml")).unwrap();
+    // demo.yaml's web VIP without its third backend.
+    let new = old.replacen("      - { address: 10.77.0.13, weight: 2 }\n", "", 1);
+    assert_ne!(new, old, "demo.yaml changed shape");
+    let (old_path, new_path) = (dir.join("old.yaml"), dir.join("new.yaml"));
+    std::fs::write(&old_path, &old).unwrap();
+    std::fs::write(&new_path, &new).unwrap();
+    let (code, out, err) = lb(&[
+        "check-config",
+        new_path.to_str().unwrap(),
+        "--against",
+        old_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("VIP web:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("removed 10.77.0.13"), "{line}");
+    assert!(
+        line.contains("established flows of 10.77.0.13 re-placed"),
+        "{line}"
+    );
+
+    std::fs::write(&old_path, "interface: [").unwrap();
+    let (code, _, err) = lb(&[
+        "check-config",
+        new_path.to_str().unwrap(),
+        "--against",
+        old_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64, "an invalid OLD is a bad config: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
