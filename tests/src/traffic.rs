@@ -135,8 +135,9 @@ pub struct Conn {
 }
 
 /// Long-lived TCP connections, each exchanging a byte with its backend every
-/// 100 ms until [`finish`](Self::finish); any error, wrong echo or 2 s
-/// without an answer counts as broken.
+/// 100 ms (or the pause given to [`open_paced`](Self::open_paced)) until
+/// [`finish`](Self::finish); any error, wrong echo or 2 s without an answer
+/// counts as broken.
 pub struct LongLived {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Conn>>,
@@ -155,6 +156,19 @@ impl LongLived {
         to: SocketAddr,
         n: usize,
         patience: Duration,
+    ) -> anyhow::Result<LongLived> {
+        Self::open_paced(client, to, n, patience, Duration::from_millis(100))
+    }
+
+    /// [`open_patient`](Self::open_patient), with `every` between one
+    /// exchange and the next: a long pause makes the connections idle, as
+    /// interactive ones do, so their flow entries must survive long gaps.
+    pub fn open_paced(
+        client: &Netns,
+        to: SocketAddr,
+        n: usize,
+        patience: Duration,
+        every: Duration,
     ) -> anyhow::Result<LongLived> {
         let streams = client.enter(move || {
             (0..n)
@@ -192,7 +206,7 @@ impl LongLived {
                                 broken: Some((Instant::now(), e.to_string())),
                             };
                         }
-                        std::thread::sleep(Duration::from_millis(100));
+                        std::thread::sleep(every);
                     }
                     Conn {
                         backend,
