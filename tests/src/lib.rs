@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config_yaml;
 pub mod decap;
 pub mod fixture;
+pub mod http;
 pub mod netns;
 pub mod packet;
 pub mod root;

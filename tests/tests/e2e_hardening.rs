@@ -20,6 +20,7 @@ use anyhow::{Context as _, bail};
 use lb_common::{MAX_VIPS, Traffic, map_names};
 use lb_tests::{
     addresses::{HEALTH_PORT, TCP_PORT, VIP, backend_address},
+    http,
     netns::Netns,
     root::root_or_skip,
     topology::{L2Topology, LbProcess, lb_binary},
@@ -56,15 +57,7 @@ fn config(weights: &[u32]) -> String {
 
 /// GET `http://{ADMIN}{path}` from inside `ns` within `timeout`: (status, body).
 fn get(ns: &Netns, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
-    let url = format!("http://{ADMIN}{path}");
-    ns.enter(move || -> anyhow::Result<(u16, String)> {
-        let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-        match agent.get(&url).call() {
-            Ok(r) => Ok((r.status(), r.into_string()?)),
-            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?)),
-            Err(e) => Err(e.into()),
-        }
-    })?
+    http::get_in(ns.name(), &format!("http://{ADMIN}{path}"), timeout)
 }
 
 /// The pin directory [`LbProcess`] gives the `lb` of `topology` (known

@@ -16,7 +16,7 @@ use lb_common::Stat;
 use lb_tests::{
     addresses::{HEALTH_PORT, TCP_PORT, VIP, VIP6, backend_address, backend_address6},
     root::root_or_skip,
-    topology::{L2Topology, LbProcess},
+    topology::{L2Topology, LbProcess, swaps_of},
     traffic::{Attempt, Conn, LongLived, NewConnections, tcp_connections},
 };
 
@@ -76,30 +76,6 @@ fn reload(lb: &LbProcess, config: &str) {
     lb.reload(config)
         .unwrap()
         .unwrap_or_else(|e| panic!("reload rejected: {e}\n{}", lb.log()));
-}
-
-/// `detection_to_swap_us` of every table swap lb logged (only of those
-/// after a backend went up or down, if `up` says which).
-fn swap_latencies_us(log: &str, up: Option<bool>) -> Vec<u64> {
-    swaps_of(log, None, up)
-}
-
-/// `detection_to_swap_us` of the swaps after `backend` (if given) went up or
-/// down (if `up` says which).
-fn swaps_of(log: &str, backend: Option<IpAddr>, up: Option<bool>) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("table swapped"))
-        .filter(|l| backend.is_none_or(|b| l.contains(&format!("backend={b} "))))
-        .filter(|l| up.is_none_or(|up| l.contains(&format!("up={up}"))))
-        .filter_map(|l| {
-            l.split("detection_to_swap_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
 }
 
 #[test]
@@ -174,7 +150,7 @@ fn a_failed_backend_stops_costing_connections_and_rejoins_when_back() {
         b2_back > 0,
         "b2 receives new connections after rise*interval+1s"
     );
-    let swaps = swap_latencies_us(&lb.log(), None);
+    let swaps = swaps_of(&lb.log(), None, None);
     assert_eq!(swaps.len(), 2, "one swap down, one up:\n{}", lb.log());
     println!("detection-to-swap latencies (us): {swaps:?}");
 }

@@ -11,6 +11,7 @@ use std::{
 use anyhow::Context as _;
 use lb_tests::{
     addresses::{HEALTH_PORT, TCP_PORT, UDP_PORT, VIP, backend_address},
+    http,
     netns::Netns,
     root::root_or_skip,
     topology::{L2Topology, lb_binary},
@@ -53,17 +54,11 @@ fn config(admin_extra: &str, extra_backend: Option<&str>) -> String {
 
 /// GET `http://{addr}{path}` from inside `ns`: (status code, body).
 fn get(ns: &Netns, addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let url = format!("http://{addr}{path}");
-    ns.enter(move || -> anyhow::Result<(u16, String)> {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .build();
-        match agent.get(&url).call() {
-            Ok(r) => Ok((r.status(), r.into_string()?)),
-            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?)),
-            Err(e) => Err(e.into()),
-        }
-    })?
+    http::get_in(
+        ns.name(),
+        &format!("http://{addr}{path}"),
+        Duration::from_secs(5),
+    )
 }
 
 fn status(ns: &Netns) -> Status {

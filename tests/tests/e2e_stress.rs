@@ -26,9 +26,10 @@ use std::{
 use anyhow::Context as _;
 use lb_tests::{
     addresses::{HEALTH_PORT, LB, TCP_PORT, VIP, backend_address},
+    http,
     netns::Netns,
     root::root_or_skip,
-    topology::{L2Topology, LbProcess},
+    topology::{L2Topology, LbProcess, swaps_of},
     traffic::{LongLived, NewConnections, tcp_connections},
 };
 use lb_userspace::{config::Config, reload::digest, status::Status};
@@ -196,17 +197,11 @@ impl Drop for MassHealth {
 
 /// GET `http://{ADMIN}{path}` from inside `ns`: (status, body).
 fn get(ns: &Netns, path: &str) -> anyhow::Result<(u16, String)> {
-    let url = format!("http://{ADMIN}{path}");
-    ns.enter(move || -> anyhow::Result<(u16, String)> {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .build();
-        match agent.get(&url).call() {
-            Ok(r) => Ok((r.status(), r.into_string()?)),
-            Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string()?)),
-            Err(e) => Err(e.into()),
-        }
-    })?
+    http::get_in(
+        ns.name(),
+        &format!("http://{ADMIN}{path}"),
+        Duration::from_secs(5),
+    )
 }
 
 fn status(ns: &Netns) -> anyhow::Result<Status> {
@@ -913,22 +908,6 @@ fn median_max(values: &mut [u64]) -> (u64, u64) {
     )
 }
 
-/// `detection_to_swap_us` of the swaps lb logged for transitions to `up`
-/// in `log`.
-fn swap_latencies_us(log: &str, up: bool) -> Vec<u64> {
-    log.lines()
-        .filter(|l| l.contains("table swapped") && l.contains(&format!("up={up} ")))
-        .filter_map(|l| {
-            l.split("detection_to_swap_us=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 /// Polls `/status` every `every` until `done` says so (at most `timeout`,
 /// asserted); returns how long it took.
 fn await_status(
@@ -1087,7 +1066,7 @@ fn four_thousand_backends_failing_at_once_leave_their_tables_within_two_seconds(
     // and when the last backend left its table.
     let detected = first_and_last(burst_log, "backend is down", stopped_at);
     let swaps = first_and_last(burst_log, "table swapped", stopped_at);
-    let mut down = swap_latencies_us(burst_log, false);
+    let mut down = swaps_of(burst_log, None, Some(false));
     // Each backend once (on a loaded machine one may have blipped before).
     let swapped = burst_log
         .lines()
@@ -1152,7 +1131,7 @@ fn four_thousand_backends_failing_at_once_leave_their_tables_within_two_seconds(
         "every backend is back in its table",
         |s| in_tables(s) == VIPS * PER_VIP,
     );
-    let mut up = swap_latencies_us(&lb.log()[log.len()..], true);
+    let mut up = swaps_of(&lb.log()[log.len()..], None, Some(true));
     let (median, max) = median_max(&mut up);
     println!(
         "back in their tables {back:?} after the listener returned; \

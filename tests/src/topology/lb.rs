@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use lb_userspace::{config::Config, status::Status};
 
 use super::process::LbCommand;
+use crate::http;
 use crate::netns::Netns;
 
 /// The message lb logs once its program is attached.
@@ -125,14 +126,9 @@ impl LbProcess {
     /// `GET /status`, asked from inside lb's namespace.
     pub fn status(&self) -> anyhow::Result<Status> {
         let url = format!("http://{}/status", self.admin);
-        crate::netns::enter_named(self.lb.netns(), move || -> anyhow::Result<Status> {
-            let answer = ureq::AgentBuilder::new()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .get(&url)
-                .call()?;
-            Ok(answer.into_json()?)
-        })?
+        let (code, body) = http::get_in(self.lb.netns(), &url, Duration::from_secs(5))?;
+        anyhow::ensure!(code == 200, "/status answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// Writes `config`, sends SIGHUP and waits (on `/status`) until lb
@@ -250,13 +246,24 @@ impl Drop for LbProcess {
 /// admin listener usually listens on that namespace's loopback). Refused or
 /// failed connections count as no: the listener may not be up yet.
 fn answers_200(netns: &str, url: &str) -> anyhow::Result<bool> {
-    let url = url.to_string();
-    crate::netns::enter_named(netns, move || {
-        ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .get(&url)
-            .call()
-            .is_ok_and(|r| r.status() == 200)
-    })
+    Ok(http::get_in(netns, url, Duration::from_secs(2)).is_ok_and(|(code, _)| code == 200))
+}
+
+/// `detection_to_swap_us` of the table swaps `lb` logged in `log` (one line
+/// per transition a swap carries), after `backend` (if given) went up or
+/// down (if `up` says which). These are measurements, not waits.
+pub fn swaps_of(log: &str, backend: Option<IpAddr>, up: Option<bool>) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("table swapped"))
+        .filter(|l| backend.is_none_or(|b| l.contains(&format!("backend={b} "))))
+        .filter(|l| up.is_none_or(|up| l.contains(&format!("up={up} "))))
+        .filter_map(|l| {
+            l.split("detection_to_swap_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }

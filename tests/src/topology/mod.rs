@@ -33,7 +33,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use aya::Ebpf;
 
 use self::{build::switch, servers::Server};
-pub use self::{decap::DecapProcess, lb::LbProcess, process::lb_binary};
+pub use self::{
+    decap::DecapProcess,
+    lb::{LbProcess, swaps_of},
+    process::lb_binary,
+};
 use crate::{
     addresses::{
         TCP_PORT, UDP_PORT, backend_address, backend_address6, routed_backend_address,
